@@ -1,0 +1,232 @@
+"""Multi-exit training (paper §2.2, Appendix A) and the depth-estimator loss (§3).
+
+L = L_dec + α · L_exit, where
+- aligned training (default): one forward; L_dec = Σ_n ω_n L^n / Σ_n ω_n over the N exits'
+  label-smoothed losses (ω uniform: the paper's best, Appendix A);
+- mixed training: M exit sequences sampled per sentence (uniform per token over 1..N), each
+  decoded teacher-forced with the copy rule; L_dec = mean over the M samples;
+- L_exit = Σ_t H(q*_t, q_t), the estimator's cross-entropy against the oracle built from the
+  exits' own (detached) predictions (:mod:`fairseq_dat.oracles`).
+
+Every exit's loss, nll_loss and ppl are logged (``loss_exit1`` …), plus the estimator's loss,
+accuracy against the oracle and the oracle's average exit.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from fairseq import utils
+from fairseq.criterions import register_criterion
+from fairseq.criterions.label_smoothed_cross_entropy import (
+    LabelSmoothedCrossEntropyCriterion,
+    LabelSmoothedCrossEntropyCriterionConfig,
+    label_smoothed_nll_loss,
+)
+from fairseq.logging import metrics
+
+from ..errors import ConfigError
+from ..modules.depth_estimators import estimator_correct_count, estimator_loss
+from ..oracles import IGNORE_EXIT, exit_oracle
+
+EXIT_WEIGHT_SCHEMES = {
+    "uniform": lambda n: 1.0,
+    "n": lambda n: float(n),
+    "sqrt_n": lambda n: math.sqrt(n),
+    "inv_sqrt_n": lambda n: 1.0 / math.sqrt(n),
+    "inv_n": lambda n: 1.0 / n,
+}
+
+
+@dataclass
+class AdaptiveLabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConfig):
+    exit_training: str = field(default="aligned", metadata={
+        "help": "aligned: all exits from one forward pass (§2.2, the paper's final models); "
+                "mixed: --mixed-samples sampled exit sequences with the copy rule"})
+    mixed_samples: int = field(default=1, metadata={"help": "M, exit sequences sampled per sentence (mixed)"})
+    exit_weights: str = field(default="uniform", metadata={
+        "help": "ω_n of aligned training (Appendix A): uniform, n, sqrt_n, inv_sqrt_n, inv_n, or N "
+                "comma-separated numbers"})
+    exit_grad_scale: Optional[float] = field(default=None, metadata={
+        "help": "γ of Appendix A: gradients flowing from block n+1 into block n are scaled by γ "
+                "(SCALE_GRADIENT); off by default, as in the paper's final models"})
+    depth_oracle: str = field(default="correctness", metadata={
+        "help": "oracle the depth estimator learns (§3): likelihood (LL) or correctness (C)"})
+    oracle_lambda: float = field(default=0.1, metadata={"help": "λ ≥ 0, the oracle's depth penalty (q* = argmax_n S^n − λn)"})
+    oracle_sigma: float = field(default=0.0, metadata={
+        "help": "σ ≥ 0 of the RBF smoothing of token-level oracle scores over positions; 0 = local"})
+    exit_loss_alpha: float = field(default=0.0, metadata={
+        "help": "α ≥ 0, weight of the depth-estimator loss (L = L_dec + α L_exit); the paper's stage 1 "
+                "uses 0, stage 2 > 0"})
+
+
+def resolve_exit_weights(spec: str, num_exits: int) -> List[float]:
+    """``--exit-weights`` → N weights ω_1..ω_N (Appendix A)."""
+    if spec in EXIT_WEIGHT_SCHEMES:
+        return [EXIT_WEIGHT_SCHEMES[spec](n) for n in range(1, num_exits + 1)]
+    try:
+        weights = [float(w) for w in spec.split(",")]
+    except ValueError:
+        raise ConfigError(f"--exit-weights must be one of {', '.join(EXIT_WEIGHT_SCHEMES)} or {num_exits} "
+                         f"comma-separated numbers, got {spec!r}") from None
+    if len(weights) != num_exits:
+        raise ConfigError(f"--exit-weights gives {len(weights)} weights but the decoder has {num_exits} exits")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"--exit-weights must be finite, non-negative and not all zero, got {spec!r}")
+    return weights
+
+
+@register_criterion("adaptive_label_smoothed_cross_entropy", dataclass=AdaptiveLabelSmoothedCrossEntropyConfig)
+class AdaptiveLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
+    def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0, report_accuracy=False,
+                 exit_training="aligned", mixed_samples=1, exit_weights="uniform", exit_grad_scale=None,
+                 depth_oracle="correctness", oracle_lambda=0.1, oracle_sigma=0.0, exit_loss_alpha=0.0):
+        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
+        check_criterion_flags(exit_training, mixed_samples, exit_grad_scale, depth_oracle, oracle_lambda,
+                              oracle_sigma, exit_loss_alpha)
+        self.exit_training = exit_training
+        self.mixed_samples = mixed_samples
+        self.exit_weights_spec = exit_weights
+        self.exit_grad_scale = exit_grad_scale
+        self.depth_oracle = depth_oracle
+        self.oracle_lambda = oracle_lambda
+        self.oracle_sigma = oracle_sigma
+        self.exit_loss_alpha = exit_loss_alpha
+
+    def forward(self, model, sample, reduce=True):
+        decoder = _adaptive_decoder(model)
+        weights = resolve_exit_weights(self.exit_weights_spec, decoder.num_layers)
+        target = model.get_targets(sample, None)
+        if self.exit_training == "mixed":
+            loss, nll_loss, logs = self.mixed_loss(model, sample, target)
+        else:
+            loss, nll_loss, logs = self.aligned_loss(model, sample, target, weights)
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        logging_output = {"loss": loss.data, "nll_loss": nll_loss.data, "ntokens": sample["ntokens"],
+                          "nsentences": sample["target"].size(0), "sample_size": sample_size, **logs}
+        return loss, sample_size, logging_output
+
+    def exit_lprobs(self, decoder, states, n):
+        return utils.log_softmax(decoder.exit_logits(states, n), dim=-1)
+
+    def smoothed_loss(self, lprobs, target):
+        loss, nll = label_smoothed_nll_loss(lprobs.view(-1, lprobs.size(-1)), target.reshape(-1), self.eps,
+                                            ignore_index=self.padding_idx, reduce=True)
+        return loss, nll
+
+    def aligned_loss(self, model, sample, target, weights):
+        """Weighted mean of the N exits' losses from one forward pass (§2.2, Appendix A)."""
+        decoder = _adaptive_decoder(model)
+        net_input = dict(sample["net_input"])
+        encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+        _, extra = decoder(net_input["prev_output_tokens"], encoder_out=encoder_out, features_only=True,
+                           grad_scale=self.exit_grad_scale)
+        total_w = sum(weights)
+        loss = nll_loss = 0.0
+        logs, lprobs_per_exit = {}, []
+        for n, (state, w) in enumerate(zip(extra["exit_states"], weights), start=1):
+            lprobs = self.exit_lprobs(decoder, state, n)
+            loss_n, nll_n = self.smoothed_loss(lprobs, target)
+            loss = loss + (w / total_w) * loss_n
+            nll_loss = nll_loss + (w / total_w) * nll_n
+            logs[f"loss_exit{n}"] = loss_n.data
+            logs[f"nll_loss_exit{n}"] = nll_n.data
+            lprobs_per_exit.append(lprobs.detach())
+        if extra.get("depth_log_q") is not None:
+            exit_loss, est_logs = self.estimator_term(decoder, extra["depth_log_q"], lprobs_per_exit, target)
+            logs.update(est_logs)
+            if self.exit_loss_alpha > 0:
+                loss = loss + self.exit_loss_alpha * exit_loss
+        return loss, nll_loss, logs
+
+    def estimator_term(self, decoder, log_q, lprobs_per_exit, target):
+        """L_exit against the oracle (§3) and its logs: loss, accuracy, the oracle's AE."""
+        level = decoder.depth_estimator.level
+        oracle, mask = exit_oracle(lprobs_per_exit, target, self.padding_idx, score=self.depth_oracle,
+                                   level=level, lam=self.oracle_lambda, sigma=self.oracle_sigma)
+        if level == "sequence":
+            mask = None
+            count = oracle.numel()
+            oracle_exit_sum = (oracle + 1).sum()
+        else:
+            count = mask.sum()
+            oracle_exit_sum = ((oracle + 1) * mask).sum()
+        loss = estimator_loss(log_q, oracle, mask)
+        correct = estimator_correct_count(log_q, oracle, mask)
+        return loss, {"exit_loss": loss.data, "exit_correct": utils.item(correct),
+                      "exit_count": utils.item(count), "oracle_exit_sum": utils.item(oracle_exit_sum)}
+
+    def sample_exits(self, target, num_exits):
+        """Uniform per-token exits 1..N (PAPER.md §1.2: the natural reading of "random exits").
+        Drawn from torch's RNG, which fairseq seeds from --seed and the update number, so runs are
+        reproducible, resumable, and every data-parallel rank draws from the same seed."""
+        return torch.randint(1, num_exits + 1, target.shape, device=target.device)
+
+    def mixed_loss(self, model, sample, target):
+        """Mean over M sampled exit sequences of the per-token loss at each token's exit (§2.2)."""
+        decoder = _adaptive_decoder(model)
+        net_input = sample["net_input"]
+        encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+        loss = nll_loss = 0.0
+        used = torch.zeros(decoder.num_layers, dtype=torch.bool)
+        for _ in range(self.mixed_samples):
+            exits = self.sample_exits(target, decoder.num_layers)
+            used[exits[target.ne(self.padding_idx)].unique().cpu() - 1] = True
+            logits, _ = decoder(net_input["prev_output_tokens"], encoder_out=encoder_out, exits=exits)
+            loss_m, nll_m = self.smoothed_loss(utils.log_softmax(logits, dim=-1), target)
+            loss = loss + loss_m / self.mixed_samples
+            nll_loss = nll_loss + nll_m / self.mixed_samples
+        # exits not drawn in this batch still join the graph (zero gradient): no DDP rank waits on them
+        loss = loss + 0.0 * sum(p.sum() for n in (~used).nonzero().flatten().tolist()
+                                for p in decoder.exit_projection(n + 1).parameters())
+        return loss, nll_loss, {}
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        super().reduce_metrics(logging_outputs)
+        ntokens = sum(log.get("ntokens", 0) for log in logging_outputs)
+        sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
+        n = 1
+        while any(f"loss_exit{n}" in log for log in logging_outputs):
+            loss_n = sum(log.get(f"loss_exit{n}", 0) for log in logging_outputs)
+            nll_n = sum(log.get(f"nll_loss_exit{n}", 0) for log in logging_outputs)
+            metrics.log_scalar(f"loss_exit{n}", loss_n / sample_size / math.log(2), sample_size, round=3)
+            metrics.log_scalar(f"nll_loss_exit{n}", nll_n / ntokens / math.log(2), ntokens, round=3)
+            metrics.log_derived(f"ppl_exit{n}", lambda m, key=f"nll_loss_exit{n}": utils.get_perplexity(m[key].avg))
+            n += 1
+        count = sum(log.get("exit_count", 0) for log in logging_outputs)
+        if count > 0:
+            exit_loss = sum(log.get("exit_loss", 0) for log in logging_outputs)
+            metrics.log_scalar("exit_loss", exit_loss / count / math.log(2), count, round=3)
+            correct = sum(log.get("exit_correct", 0) for log in logging_outputs)
+            metrics.log_scalar("exit_acc", 100.0 * correct / count, count, round=2)
+            oracle_sum = sum(log.get("oracle_exit_sum", 0) for log in logging_outputs)
+            metrics.log_scalar("oracle_ae", oracle_sum / count, count, round=3)
+
+
+def check_criterion_flags(exit_training, mixed_samples, exit_grad_scale, depth_oracle, oracle_lambda,
+                          oracle_sigma, exit_loss_alpha):
+    """Clear one-line errors for flags out of range (each names its flag)."""
+    if exit_training not in ("aligned", "mixed"):
+        raise ConfigError(f"--exit-training must be aligned or mixed, got {exit_training!r}")
+    if mixed_samples < 1:
+        raise ConfigError(f"--mixed-samples must be >= 1, got {mixed_samples}")
+    if depth_oracle not in ("likelihood", "correctness"):
+        raise ConfigError(f"--depth-oracle must be likelihood or correctness, got {depth_oracle!r}")
+    for flag, value in (("--oracle-lambda", oracle_lambda), ("--oracle-sigma", oracle_sigma),
+                        ("--exit-loss-alpha", exit_loss_alpha)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{flag} must be a finite number >= 0, got {value}")
+    if exit_grad_scale is not None and not (math.isfinite(exit_grad_scale) and exit_grad_scale > 0):
+        raise ConfigError(f"--exit-grad-scale must be a finite number > 0, got {exit_grad_scale}")
+    if exit_training == "mixed" and exit_loss_alpha > 0:
+        raise ConfigError("--exit-loss-alpha > 0 needs --exit-training aligned (the oracle needs every exit)")
+
+
+def _adaptive_decoder(model):
+    decoder = getattr(model, "decoder", None)
+    if decoder is None or not hasattr(decoder, "exit_logits"):
+        raise ConfigError("--criterion adaptive_label_smoothed_cross_entropy needs --arch adaptive_transformer "
+                         f"(or one of its variants), got {type(model).__name__}")
+    return decoder

@@ -1,0 +1,243 @@
+"""Exit decision rules used while decoding (paper §3, "inference"), one small class per rule.
+
+The decoder's incremental step (``AdaptiveTransformerDecoder.forward_incremental_with_exits``) asks
+its ``exit_policy`` two things: ``plan_step`` (decisions that can be made before the blocks run:
+fixed exits, sequence-level depths) and ``halt`` (after block n < N, which of the still-running rows
+stop here). Exits are 1-based block numbers. Every policy also counts the exits of all beam rows it
+decided (``ExitStats``), which is what decoding time follows.
+
+=================  ===============================================================================
+strategy           rule
+=================  ===============================================================================
+fixed              every token exits at block ``--fixed-exit`` k
+estimator          the checkpoint's depth estimator and ``--exit-threshold`` T:
+                   token-geometric: halt at the first block n with χ_n > T_n (T: one value or N−1);
+                   multinomial / Poisson-binomial (token after block 1, sequence from the encoder
+                   output): the first n with q(1)+…+q(n) ≥ T (no T: argmax q, the paper's rule)
+confidence         exit at the first block n whose classifier's top probability exceeds T_n
+                   (the paper's baseline; projects onto the vocabulary at every visited block)
+=================  ===============================================================================
+"""
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+from .modules.depth_estimators import decide_by_cumulative, single_threshold, thresholds_from_arg
+
+STRATEGIES = ("auto", "full", "fixed", "estimator", "confidence")
+
+
+class ExitStats:
+    """Histogram of exits over every beam row decoded (compute) and over the returned hypotheses'
+    tokens (the paper's AE)."""
+
+    def __init__(self, num_exits: int):
+        self.num_exits = num_exits
+        self.row_hist = torch.zeros(num_exits, dtype=torch.long)
+        self.token_hist = torch.zeros(num_exits, dtype=torch.long)
+
+    def add_rows(self, exits: Tensor):
+        self.row_hist += torch.bincount(exits.cpu() - 1, minlength=self.num_exits)
+
+    def add_hypothesis(self, exits: Tensor):
+        self.token_hist += torch.bincount(exits.cpu() - 1, minlength=self.num_exits)
+
+    @staticmethod
+    def _mean(hist: Tensor) -> float:
+        total = int(hist.sum())
+        return float((hist * torch.arange(1, hist.numel() + 1)).sum()) / total if total else float("nan")
+
+    @property
+    def average_exit(self) -> float:
+        """AE: mean exit (1-based) over the tokens of the returned hypotheses, EOS included."""
+        return self._mean(self.token_hist)
+
+    @property
+    def compute_average_exit(self) -> float:
+        """Mean exit over every beam row at every step (finished or not): what time follows."""
+        return self._mean(self.row_hist)
+
+    def summary(self) -> str:
+        hist = ",".join(str(int(c)) for c in self.token_hist)
+        return (f"AE={self.average_exit:.4f} tokens={int(self.token_hist.sum())} exits=[{hist}] "
+                f"compute_AE={self.compute_average_exit:.4f} rows={int(self.row_hist.sum())}")
+
+
+class ExitPolicy:
+    """Base: no early exit. Subclasses override ``halt`` and/or ``plan_step``."""
+
+    gather_ratio = 0.5
+
+    def __init__(self, stats: Optional[ExitStats] = None, gather_ratio: Optional[float] = None):
+        self.stats = stats
+        if gather_ratio is not None:
+            self.gather_ratio = gather_ratio
+
+    def plan_step(self, decoder, encoder_out, incremental_state, prev_output_tokens) -> dict:
+        return {}
+
+    def halt(self, decoder, n: int, h: Tensor, active: Tensor, plan: dict):
+        """h: |active| x C states after block n of the still-running rows → (bool |active|, logits
+        of those rows at exit n or None)."""
+        return None, None
+
+    def count(self, step_exits: Tensor):
+        if self.stats is not None:
+            self.stats.add_rows(step_exits)
+
+
+class PlannedDepth(ExitPolicy):
+    """Rows stop where ``plan["depth"]`` (B, 1-based) says."""
+
+    def halt(self, decoder, n, h, active, plan):
+        return plan["depth"].index_select(0, active) == n, None
+
+
+class FixedExit(PlannedDepth):
+    """``--fixed-exit k``: every token exits at block k (Table 1's per-exit rows)."""
+
+    def __init__(self, exit_block: int, **kwargs):
+        super().__init__(**kwargs)
+        self.exit_block = exit_block
+
+    def halt(self, decoder, n, h, active, plan):
+        stop = torch.full((active.numel(),), n == self.exit_block, dtype=torch.bool, device=h.device)
+        return stop, None
+
+
+class ForcedExits(PlannedDepth):
+    """Given exits (B x T, or B for every step): for tests of the copy rule."""
+
+    def __init__(self, exits: Tensor, **kwargs):
+        super().__init__(**kwargs)
+        self.exits = exits
+
+    def plan_step(self, decoder, encoder_out, incremental_state, prev_output_tokens):
+        step = prev_output_tokens.size(1) - 1
+        depth = self.exits if self.exits.dim() == 1 else self.exits[:, step]
+        return {"depth": depth}
+
+
+class SequenceEstimatorPolicy(PlannedDepth):
+    """Sequence-level estimators: one depth per source sentence, decided from the encoder output
+    before the first step and kept (reordered with the beam) in the decoder's incremental state."""
+
+    def __init__(self, threshold=None, **kwargs):
+        super().__init__(**kwargs)
+        self.threshold = threshold
+
+    def plan_step(self, decoder, encoder_out, incremental_state, prev_output_tokens):
+        buf = decoder.get_incremental_state(incremental_state, "exits") or {}
+        if buf.get("planned") is None:
+            enc = encoder_out["encoder_out"][0]
+            mask = encoder_out["encoder_padding_mask"][0] if len(encoder_out["encoder_padding_mask"]) else None
+            log_q = decoder.depth_estimator.log_q_from(encoder_out=enc, encoder_padding_mask=mask)
+            buf = dict(buf)
+            buf["planned"] = decide_by_cumulative(log_q, self.threshold) + 1
+            decoder.set_incremental_state(incremental_state, "exits", buf)
+        return {"depth": buf["planned"]}
+
+
+class TokenDepthPolicy(ExitPolicy):
+    """Token-multinomial / token-Poisson-binomial: the depth of each token is decided from its
+    block-1 state (every token runs block 1, §3.2)."""
+
+    def __init__(self, threshold=None, **kwargs):
+        super().__init__(**kwargs)
+        self.threshold = threshold
+
+    def halt(self, decoder, n, h, active, plan):
+        if n == 1:
+            log_q = decoder.depth_estimator.log_q_from(block_states=[h])
+            plan["depth"] = decide_by_cumulative(log_q, self.threshold) + 1  # |active| == B at block 1
+            return plan["depth"] == 1, None
+        return plan["depth"].index_select(0, active) == n, None
+
+
+class GeometricPolicy(ExitPolicy):
+    """Tok-geometric-like: halt at the first block n with χ_n > τ_n (§3.2; default τ = 0.5)."""
+
+    def __init__(self, thresholds: Sequence[float], **kwargs):
+        super().__init__(**kwargs)
+        self.thresholds = list(thresholds)
+
+    def halt(self, decoder, n, h, active, plan):
+        return decoder.depth_estimator.halting_prob(h, n - 1) > self.thresholds[n - 1], None
+
+
+class ConfidencePolicy(ExitPolicy):
+    """Confidence thresholding (§3, the paper's baseline): exit at block n when the top probability
+    of C_n exceeds τ_n; the logits computed for the test are reused as the output."""
+
+    def __init__(self, thresholds: Sequence[float], **kwargs):
+        super().__init__(**kwargs)
+        self.thresholds = list(thresholds)
+
+    def halt(self, decoder, n, h, active, plan):
+        logits = decoder.exit_logits(h, n)
+        top = torch.softmax(logits.float(), dim=-1).max(dim=-1).values  # float32 also under fp16
+        return top > self.thresholds[n - 1], logits
+
+
+def build_exit_policy(decoder, strategy: str = "auto", threshold=None, fixed_exit: Optional[int] = None,
+                      stats: Optional[ExitStats] = None, gather_ratio: Optional[float] = None
+                      ) -> Optional[ExitPolicy]:
+    """The policy for the generation flags, or None for plain full-depth decoding (fairseq's own
+    decoder path). Raises ConfigError naming the flag on any setting the model cannot serve."""
+    if not hasattr(decoder, "exit_logits"):
+        raise ConfigError("--exit-threshold/--exit-strategy/--fixed-exit need a checkpoint of --arch "
+                          f"adaptive_transformer; this one has a {type(decoder).__name__}")
+    if gather_ratio is not None and not 0.0 <= gather_ratio <= 1.0:
+        raise ConfigError(f"--exit-gather-ratio must be in [0, 1], got {gather_ratio}")
+    try:
+        return _policy_for_flags(decoder, strategy, threshold, fixed_exit, stats, gather_ratio)
+    except ConfigError:
+        raise
+    except ValueError as err:  # threshold parsing: the message already names --exit-threshold
+        raise ConfigError(str(err)) from None
+
+
+def _policy_for_flags(decoder, strategy, threshold, fixed_exit, stats, gather_ratio):
+    n_exits = decoder.num_layers
+    estimator = decoder.depth_estimator
+    kwargs = {"stats": stats, "gather_ratio": gather_ratio}
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"--exit-strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if fixed_exit is not None and strategy not in ("auto", "fixed"):
+        raise ConfigError(f"--fixed-exit cannot be combined with --exit-strategy {strategy}")
+    if strategy == "auto":
+        if fixed_exit is not None:
+            strategy = "fixed"
+        elif threshold is None:
+            strategy = "full"
+        elif estimator is not None:
+            strategy = "estimator"
+        elif getattr(decoder, "depth_estimator_name", "none") == "confidence":
+            strategy = "confidence"
+        else:
+            raise ConfigError("--exit-threshold needs a checkpoint with a trained depth estimator "
+                             "(this one has none); use --exit-strategy confidence or --fixed-exit N")
+    if strategy == "full":
+        return None
+    if strategy == "fixed":
+        if fixed_exit is None:
+            raise ConfigError("--exit-strategy fixed needs --fixed-exit N")
+        if not 1 <= fixed_exit <= n_exits:
+            raise ConfigError(f"--fixed-exit must be in 1..{n_exits} for this checkpoint, got {fixed_exit}")
+        return FixedExit(fixed_exit, **kwargs)
+    if strategy == "confidence":
+        if threshold is None:
+            raise ConfigError("--exit-strategy confidence needs --exit-threshold T (T in [0, 1], one value "
+                             f"or {n_exits - 1} per-block values)")
+        return ConfidencePolicy(thresholds_from_arg(threshold, n_exits), **kwargs)
+    if estimator is None:
+        raise ConfigError("--exit-strategy estimator needs a checkpoint trained with --depth-estimator "
+                         "(this one has none); use --exit-strategy confidence or --fixed-exit N")
+    if estimator.inputs == "blocks":
+        return GeometricPolicy(estimator.thresholds(threshold), **kwargs)
+    value = single_threshold(threshold, estimator.name)
+    if estimator.level == "sequence":
+        return SequenceEstimatorPolicy(value, **kwargs)
+    return TokenDepthPolicy(value, **kwargs)

@@ -1,0 +1,1 @@
+from . import adaptive_transformer  # noqa: F401

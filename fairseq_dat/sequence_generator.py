@@ -1,0 +1,91 @@
+"""Exit-aware beam search: fairseq's ``SequenceGenerator`` with per-hypothesis exits.
+
+The search loop is fairseq's own (prefixes, constraints, length penalty, ``--nbest`` … come free).
+What changes, following ``SequenceGeneratorWithAlignment``'s pattern:
+- ``_generate`` hands the exit policy to the decoder(s) for the duration of one batch;
+- the decoder's incremental step decides each row's exit and runs each block only for the rows
+  still running (``AdaptiveTransformerDecoder.forward_incremental_with_exits``); its exit history
+  lives in the incremental state, so fairseq's beam reordering carries it with the hypotheses;
+- ``finalize_hypos`` attaches each finished hypothesis' per-token exits (``hypo["exits"]``, 1-based).
+"""
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+from fairseq.sequence_generator import EnsembleModel, SequenceGenerator
+
+from .exit_policy import ExitStats, build_exit_policy
+
+
+class AdaptiveEnsembleModel(EnsembleModel):
+    """Remembers the current incremental states so the generator can read the exit history."""
+
+    def __init__(self, models):
+        super().__init__(models)
+        self.incremental_states = None
+        self.stats: Optional[ExitStats] = None
+
+    def forward_decoder(self, tokens, encoder_outs, incremental_states, temperature: float = 1.0):
+        self.incremental_states = incremental_states
+        decoder = self.single_model.decoder
+        if decoder.exit_policy is None and self.stats is not None:  # full depth: every row runs N blocks
+            self.stats.add_rows(torch.full((tokens.size(0),), decoder.num_layers, dtype=torch.long))
+        return super().forward_decoder(tokens, encoder_outs, incremental_states, temperature)
+
+    def exit_history(self) -> Optional[Tensor]:
+        """rows x steps exits (1-based) of the first model, or None when it decodes at full depth."""
+        if self.incremental_states is None:
+            return None
+        return self.single_model.decoder.exit_history(self.incremental_states[0])
+
+
+class AdaptiveSequenceGenerator(SequenceGenerator):
+    def __init__(self, models, tgt_dict, exit_strategy: str = "auto", exit_threshold=None,
+                 fixed_exit: Optional[int] = None, exit_gather_ratio: Optional[float] = None, **kwargs):
+        super().__init__(AdaptiveEnsembleModel(models), tgt_dict, **kwargs)
+        decoder = self.model.single_model.decoder
+        self.num_exits = decoder.num_layers
+        self.stats = ExitStats(self.num_exits)
+        self.model.stats = self.stats
+        # built (and validated) once, before any decoding
+        self.policy = build_exit_policy(decoder, exit_strategy, exit_threshold, fixed_exit, self.stats,
+                                        exit_gather_ratio)
+
+    def _generate(self, sample: Dict[str, Dict[str, Tensor]], prefix_tokens: Optional[Tensor] = None,
+                  constraints: Optional[Tensor] = None, bos_token: Optional[int] = None):
+        decoders = [m.decoder for m in self.model.models]
+        for decoder in decoders:
+            decoder.exit_policy = self.policy
+        try:
+            finalized = super()._generate(sample, prefix_tokens=prefix_tokens, constraints=constraints,
+                                          bos_token=bos_token)
+        finally:
+            for decoder in decoders:
+                decoder.exit_policy = None
+            self.model.incremental_states = None
+        for hypos in finalized:
+            if hypos:
+                self.stats.add_hypothesis(hypos[0]["exits"])
+        return finalized
+
+    def finalize_hypos(self, step, bbsz_idx, eos_scores, tokens, scores, finalized: List[List[Dict[str, Tensor]]],
+                       finished: List[bool], beam_size: int, attn: Optional[Tensor], src_lengths, max_len: int):
+        sentences = sentences_of_rows(bbsz_idx, finished, beam_size)  # before super marks sentences finished
+        counts = [len(hypos) for hypos in finalized]
+        newly_finished = super().finalize_hypos(step, bbsz_idx, eos_scores, tokens, scores, finalized, finished,
+                                                beam_size, attn, src_lengths, max_len)
+        history = self.model.exit_history()  # None: full depth through fairseq's own decoder path
+        for row, sent in zip(bbsz_idx.tolist(), sentences):
+            if counts[sent] < beam_size:  # the condition under which super() appended this hypothesis
+                exits = (history[row, : step + 1].clone() if history is not None
+                         else torch.full((step + 1,), self.num_exits, dtype=torch.long))
+                finalized[sent][counts[sent]]["exits"] = exits
+                counts[sent] += 1
+        return newly_finished
+
+
+def sentences_of_rows(bbsz_idx: Tensor, finished: List[bool], beam_size: int) -> List[int]:
+    """Original sentence index of each finished row; mirrors the ``cum_unfin`` bookkeeping of
+    ``SequenceGenerator.finalize_hypos`` (sentences already finished were removed from the batch)."""
+    unfinished = [i for i, done in enumerate(finished) if not done]
+    return [unfinished[row // beam_size] for row in bbsz_idx.tolist()]

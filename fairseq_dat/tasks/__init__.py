@@ -1,0 +1,1 @@
+from . import adaptive_translation  # noqa: F401

@@ -1,0 +1,106 @@
+"""``--task adaptive_translation``: fairseq's translation task with the exit-aware generator.
+
+Generation flags live in the task config, so ``fairseq-generate``/``fairseq-interactive`` accept
+them with ``--task adaptive_translation`` and the hub interface takes them as keyword arguments
+(``model.translate(sentence, exit_threshold=0.5)``). After decoding, the run's exit summary
+(``AE=…``) is printed once, after fairseq's own BLEU line.
+"""
+import atexit
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fairseq.tasks import register_task
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+from ..exit_policy import STRATEGIES
+from ..sequence_generator import AdaptiveSequenceGenerator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AdaptiveTranslationConfig(TranslationConfig):
+    exit_threshold: Optional[str] = field(default=None, metadata={
+        "help": "T in [0, 1], one value or N-1 comma-separated per-block values. With the checkpoint's "
+                "depth estimator: token-geometric halts at the first block n with halting probability "
+                "chi_n > T_n; multinomial and Poisson-binomial estimators exit at the first n whose "
+                "cumulative q(1..n) >= T (one value). With --exit-strategy confidence: exit at the first "
+                "block whose classifier's top probability > T_n. Unset: full depth"})
+    exit_strategy: str = field(default="auto", metadata={
+        "help": f"exit rule, one of {', '.join(STRATEGIES)}. auto: fixed if --fixed-exit, the trained "
+                "estimator (or confidence for checkpoints trained with --depth-estimator confidence) if "
+                "--exit-threshold, else full depth"})
+    fixed_exit: Optional[int] = field(default=None, metadata={
+        "help": "every token exits at block N (1-based); N = the number of decoder layers is full depth "
+                "through the exit-aware path"})
+    print_exits: bool = field(default=False, metadata={
+        "help": "print an E-<id> line per hypothesis with the exit block of each token"})
+    exit_gather_ratio: float = field(default=0.5, metadata={
+        "help": "when fewer than this fraction of the beam rows still run a block, the block runs on a "
+                "gathered sub-batch; otherwise on all rows with the exited rows' outputs discarded"})
+
+
+@register_task("adaptive_translation", dataclass=AdaptiveTranslationConfig)
+class AdaptiveTranslationTask(TranslationTask):
+    """Translation with depth-adaptive decoding (paper §3, inference)."""
+
+    cfg: AdaptiveTranslationConfig
+
+    def __init__(self, cfg, src_dict, tgt_dict):
+        super().__init__(cfg, src_dict, tgt_dict)
+        self.generators = []
+        self._summary_registered = False
+
+    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None,
+                        prefix_allowed_tokens_fn=None):
+        if seq_gen_cls is not None or getattr(args, "score_reference", False) or \
+                getattr(args, "print_alignment", False) or getattr(args, "sampling", False):
+            return super().build_generator(models, args, seq_gen_cls, extra_gen_cls_kwargs,
+                                           prefix_allowed_tokens_fn)
+        extra = dict(extra_gen_cls_kwargs or {})
+        extra.update(self.exit_options(args))
+        generator = super().build_generator(models, args, seq_gen_cls=AdaptiveSequenceGenerator,
+                                            extra_gen_cls_kwargs=extra,
+                                            prefix_allowed_tokens_fn=prefix_allowed_tokens_fn)
+        generator.nbest = getattr(args, "nbest", 1)
+        self.generators.append(generator)
+        return generator
+
+    def exit_options(self, args):
+        """Generation args (hub kwargs) override the task config (command-line flags)."""
+        def pick(name):
+            value = getattr(args, name, None)
+            return value if value is not None else getattr(self.cfg, name, None)
+        threshold = pick("exit_threshold")
+        return {"exit_strategy": pick("exit_strategy") or "auto",
+                "exit_threshold": str(threshold) if threshold is not None else None,
+                "fixed_exit": pick("fixed_exit"), "exit_gather_ratio": pick("exit_gather_ratio")}
+
+    def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
+        hypos = super().inference_step(generator, models, sample, prefix_tokens=prefix_tokens,
+                                       constraints=constraints)
+        if isinstance(generator, AdaptiveSequenceGenerator):
+            if getattr(self.cfg, "print_exits", False):
+                print_exit_lines(sample, hypos, getattr(generator, "nbest", 1))
+            self.register_summary()
+        return hypos
+
+    def register_summary(self):
+        if not self._summary_registered:
+            atexit.register(self.print_exit_summary)
+            self._summary_registered = True
+
+    def print_exit_summary(self):
+        """One line per generator used: ``Adaptive exits: AE=… tokens=… exits=[…] compute_AE=…``."""
+        for generator in self.generators:
+            if int(generator.stats.token_hist.sum()) > 0:
+                print(f"Adaptive exits (N={generator.num_exits}): {generator.stats.summary()}", flush=True)
+
+
+def print_exit_lines(sample, hypos, nbest):
+    for i, sample_id in enumerate(sample["id"].tolist()):
+        for hypo in hypos[i][:nbest]:
+            print("E-{}\t{}".format(sample_id, " ".join(str(e) for e in hypo["exits"].tolist())))
+    sys.stdout.flush()
