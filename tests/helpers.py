@@ -55,5 +55,6 @@ def random_batch(dictionary, bsz=4, src_len=7, tgt_len=6, seed=0, pad_some=True)
         tgt[1, -2] = dictionary.eos()
         tgt[1, -1] = dictionary.pad()
     prev = torch.cat([torch.full((bsz, 1), dictionary.eos()), tgt[:, :-1]], dim=1)
-    prev[1, -1] = dictionary.pad() if pad_some and bsz > 1 else prev[1, -1]
+    if pad_some and bsz > 1:
+        prev[1, -1] = dictionary.pad()
     return {"src_tokens": src, "src_lengths": src_lengths, "prev_output_tokens": prev}, tgt
