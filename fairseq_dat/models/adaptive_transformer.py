@@ -380,10 +380,9 @@ class AdaptiveTransformerDecoder(TransformerDecoderBase):
             layer.encoder_attn._set_input_buffer(sub_state, _select_rows(cross_buf, active // per_row))
         sub_pad = pad_mask.index_select(0, active) if pad_mask is not None else None
         out, _, _ = layer(x.index_select(1, active), enc, enc_mask, sub_state, self_attn_padding_mask=sub_pad)
-        new_k, new_v = self.copied_kv(layer, x)  # B x H x 1 x d, cheap: 4 d² per row
-        sub_buf = layer.self_attn._get_input_buffer(sub_state)
-        new_k[active] = sub_buf["prev_key"][:, :, -1:]
-        new_v[active] = sub_buf["prev_value"][:, :, -1:]
+        # every row's new keys/values come from its block input (the copy, for exited rows), which is
+        # also what the layer projected for the active ones: one batched projection serves all rows
+        new_k, new_v = self.copied_kv(layer, x)  # B x H x 1 x d, 4 d² per row
         self.append_kv(layer, incremental_state, self_buf, new_k, new_v)
         x = x.clone()
         x[:, active] = out

@@ -1,0 +1,640 @@
+#!/usr/bin/env python
+"""Wall-clock speed of depth-adaptive decoding against its limit, in one process.
+
+For each decoding setting (batch size x beam size) the same batches (fairseq's
+``task.get_batch_iterator``) are decoded by:
+
+1. ``fairseq``        fairseq's own ``SequenceGenerator`` on a stock ``transformer`` holding the
+                      checkpoint's trunk and last exit (full depth): the reference row;
+2. ``ours``           ``AdaptiveSequenceGenerator`` without exit flags, and ``ours fixed=N`` (full
+                      depth through the exit-aware block loop): the generator's overhead;
+3. ``limit k``        fairseq's ``SequenceGenerator`` on the same weights truncated to k blocks with
+                      exit k as output layer: the fastest that decoding at average exit k can be;
+4. ``estimator T``    ours with the checkpoint's depth estimator at each threshold T, and
+   ``confidence T``   ours with confidence thresholding at each T;
+5. ``ct2 float32/int8`` CTranslate2 on the full-depth model (skipped with a reason if unavailable).
+
+Each row reports tokens/s and sentences/s (median of interleaved repeats; only the generator calls
+are timed), BLEU (fairseq's tokenized BLEU scorer on --remove-bpe'd output, one scorer for all rows),
+AE (mean exit over output tokens, EOS included), compute AE (over every beam row decoded),
+Appendix-B decoder FLOPs per token (:mod:`fairseq_dat.flops`), speedup (tokens/s against row 1) and,
+for our rows, efficiency = speedup / ideal, where ideal is the limit's speedup at the same AE (the
+limit's time per token interpolated linearly between integer k).
+
+The last line printed is machine-readable (first setting, by default beam 5 x batch 64):
+``RESULT speedup=… ideal=… efficiency=… bleu_delta=… ae=… overhead=…``.
+A markdown table and a PNG (BLEU against tokens/s) go to ``--out-dir``.
+"""
+import argparse
+import copy
+import logging
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import fairseq_dat  # noqa: F401  (first: registers the plugin, allows fairseq checkpoints to load)
+import torch
+import torch.nn as nn
+from fairseq import checkpoint_utils, utils
+from fairseq.data import BaseWrapperDataset
+from fairseq.models.transformer import TransformerModel
+from fairseq.scoring.bleu import BleuConfig, Scorer
+from fairseq.sequence_generator import SequenceGenerator
+
+from fairseq_dat.flops import DecoderDims, flops_per_token
+from fairseq_dat.models.adaptive_transformer import ADAPTIVE_PARAM_PREFIXES
+from fairseq_dat.sequence_generator import AdaptiveSequenceGenerator
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT_DIR = os.path.join(os.path.dirname(REPO), "runs", "benchmarks")
+REMOVE_BPE = "subword_nmt"  # fairseq-generate --remove-bpe (the default "@@ ")
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", help="fairseq data-bin directory (e.g. data-bin/multi30k_de_en)")
+    parser.add_argument("--path", required=True, help="adaptive_transformer checkpoint")
+    parser.add_argument("--subset", default="test", help="data split to decode (default: test)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a run that fits in about 10 minutes on 2 cores: the first 500 sentences, "
+                             "settings 64x5, 64x1 and 1x5 (the last on the first 100 sentences), the full "
+                             "threshold sweeps only in the first setting")
+    parser.add_argument("--threads", type=int, default=2, help="torch and CTranslate2 threads (default: 2)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed passes per row, interleaved across rows; the median is reported")
+    parser.add_argument("--max-sentences", type=int, default=None,
+                        help="decode only the first N sentences of the split (default: all; --quick: 500)")
+    parser.add_argument("--batch1-sentences", type=int, default=None,
+                        help="first N sentences for batch-size-1 settings (default: as --max-sentences; "
+                             "--quick: 100)")
+    parser.add_argument("--settings", default=None,
+                        help="comma-separated BATCHxBEAM settings, the first is the headline one "
+                             "(default: 64x5,64x1,1x5,1x1; --quick: 64x5,64x1,1x5)")
+    parser.add_argument("--estimator-thresholds", default="0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+                        help="--exit-threshold values for the checkpoint's depth estimator")
+    parser.add_argument("--confidence-thresholds", default="0.5,0.7,0.8,0.9,0.95",
+                        help="--exit-threshold values for --exit-strategy confidence")
+    parser.add_argument("--full-sweep-everywhere", action="store_true",
+                        help="run the threshold sweeps in every setting (default without --quick); "
+                             "otherwise later settings only rerun the first setting's best thresholds")
+    parser.add_argument("--bleu-tolerance", type=float, default=0.3,
+                        help="an adaptive row counts for RESULT if its BLEU is within this of row 1")
+    parser.add_argument("--max-len-b", type=int, default=200, help="fairseq-generate --max-len-b")
+    parser.add_argument("--no-ct2", action="store_true", help="skip the CTranslate2 rows")
+    parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
+                        help=f"where the markdown table and the PNG go (default: {DEFAULT_OUT_DIR})")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.max_sentences = args.max_sentences or 500
+        args.batch1_sentences = args.batch1_sentences or 100
+        args.settings = args.settings or "64x5,64x1,1x5"
+    else:
+        args.settings = args.settings or "64x5,64x1,1x5,1x1"
+        args.full_sweep_everywhere = True
+    args.settings = [parse_setting(s) for s in args.settings.split(",")]
+    return args
+
+
+def parse_setting(text: str) -> Tuple[int, int]:
+    try:
+        batch, beam = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--settings: expected BATCHxBEAM like 64x5, got {text!r}") from None
+    return batch, beam
+
+
+def parse_floats(text: str) -> List[float]:
+    return [float(part) for part in text.split(",") if part.strip()]
+
+
+def machine_description(threads: int) -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}; {os.cpu_count()} logical CPUs, {threads} threads; torch {torch.__version__}; "
+            f"python {platform.python_version()}")
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+class FirstSentences(BaseWrapperDataset):
+    """The first ``n`` sentences of a dataset (in corpus order), batched by fairseq as usual."""
+
+    def __init__(self, dataset, n: int):
+        super().__init__(dataset)
+        self.n = min(n, len(dataset))
+
+    def __len__(self):
+        return self.n
+
+    @property
+    def sizes(self):
+        return self.dataset.sizes[: self.n]
+
+    def ordered_indices(self):
+        order = self.dataset.ordered_indices()
+        return order[order < self.n]
+
+
+def load_batches(task, models, subset: str, batch_size: int, max_sentences: Optional[int]) -> List[dict]:
+    """fairseq-generate's batches (``--batch-size``, sorted by length, no shuffling), materialized."""
+    dataset = task.dataset(subset)
+    if max_sentences is not None:
+        dataset = FirstSentences(dataset, max_sentences)
+    itr = task.get_batch_iterator(
+        dataset=dataset, max_sentences=batch_size,
+        max_positions=utils.resolve_max_positions(task.max_positions(), *[m.max_positions() for m in models]),
+        ignore_invalid_inputs=False, required_batch_size_multiple=1, disable_iterator_cache=True,
+    ).next_epoch_itr(shuffle=False)
+    return [batch for batch in itr if "net_input" in batch]
+
+
+# ---- models ---------------------------------------------------------------------------------------
+
+
+def stock_args(model_args):
+    """The checkpoint's model args as a stock ``transformer`` (plain translation task, no plugin)."""
+    args = copy.deepcopy(model_args)
+    args.arch = args._name = "transformer"
+    args.task = "translation"
+    args.user_dir = None
+    args.criterion = "label_smoothed_cross_entropy"
+    return args
+
+
+def truncated_stock_model(adaptive, model_args, task, k: int) -> TransformerModel:
+    """fairseq's stock ``TransformerModel`` with the adaptive model's encoder, its first k decoder
+    blocks, and exit k (its layer norm and classifier) as output layer; k = N is the full model."""
+    decoder = adaptive.decoder
+    n = decoder.num_layers
+    args = stock_args(model_args)
+    args.decoder_layers = k
+    model = TransformerModel.build_model(args, task)
+    state = {key: value for key, value in adaptive.state_dict().items()
+             if not key.startswith(ADAPTIVE_PARAM_PREFIXES)
+             and not (key.startswith("decoder.layers.") and int(key.split(".")[2]) >= k)}
+    model.load_state_dict(state, strict=True)
+    if k < n:  # exit k's head; a fresh module, so tied input embeddings stay untouched
+        head = decoder.exit_projection(k)
+        proj = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+        proj.load_state_dict(head.state_dict())
+        model.decoder.output_projection = proj
+        if model.decoder.layer_norm is not None:
+            model.decoder.layer_norm = copy.deepcopy(decoder.exit_layer_norms[k - 1])
+    return model.eval()
+
+
+# ---- rows -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Output:
+    """One decoded sentence: its id, output tokens (EOS included) and their exits (1-based)."""
+
+    sample_id: int
+    tokens: List[int]
+    exits: List[int]
+
+
+@dataclass
+class Row:
+    """A decoder to time. ``kind``: fairseq, ours, limit, estimator, confidence or ct2."""
+
+    name: str
+    kind: str
+    flops_rule: str = "none"  # the Appendix-B exit-prediction cost to count
+    flops_layers: Optional[int] = None  # blocks the FLOPs model sees (k for the truncated limit)
+    times: List[float] = field(default_factory=list)
+    outputs: List[Output] = field(default_factory=list)
+    compute_ae: float = float("nan")
+
+    def start(self):
+        """Fresh decoder state before a timed pass (generators, exit statistics)."""
+
+    def generate(self, batch):
+        raise NotImplementedError
+
+    def unpack(self, batch, result) -> List[Output]:
+        raise NotImplementedError
+
+    def finish(self):
+        """Read what the pass counted (compute AE)."""
+
+
+class FairseqRow(Row):
+    """fairseq's ``SequenceGenerator`` on a stock transformer of ``blocks`` decoder blocks."""
+
+    def __init__(self, name, kind, model, tgt_dict, beam, max_len_b, blocks):
+        super().__init__(name, kind, flops_layers=blocks)
+        self.model, self.tgt_dict, self.beam, self.max_len_b, self.blocks = model, tgt_dict, beam, max_len_b, blocks
+        self.compute_ae = float(blocks)
+
+    def start(self):
+        self.generator = SequenceGenerator([self.model], self.tgt_dict, beam_size=self.beam, max_len_b=self.max_len_b)
+
+    def generate(self, batch):
+        return self.generator.generate([self.model], batch)
+
+    def unpack(self, batch, hypos):
+        return [Output(int(sid), hypos[i][0]["tokens"].tolist(), [self.blocks] * len(hypos[i][0]["tokens"]))
+                for i, sid in enumerate(batch["id"].tolist())]
+
+
+class AdaptiveRow(FairseqRow):
+    """``AdaptiveSequenceGenerator`` with the given exit flags on the adaptive model."""
+
+    def __init__(self, name, kind, model, tgt_dict, beam, max_len_b, flops_rule="none", **exit_kwargs):
+        super().__init__(name, kind, model, tgt_dict, beam, max_len_b, model.decoder.num_layers)
+        self.flops_rule = flops_rule
+        self.exit_kwargs = exit_kwargs
+
+    def start(self):
+        self.generator = AdaptiveSequenceGenerator([self.model], self.tgt_dict, beam_size=self.beam,
+                                                   max_len_b=self.max_len_b, **self.exit_kwargs)
+
+    def unpack(self, batch, hypos):
+        return [Output(int(sid), hypos[i][0]["tokens"].tolist(), hypos[i][0]["exits"].tolist())
+                for i, sid in enumerate(batch["id"].tolist())]
+
+    def finish(self):
+        self.compute_ae = self.generator.stats.compute_average_exit
+
+
+class CT2Row(Row):
+    """CTranslate2's ``Translator.translate_batch`` on the converted full-depth model."""
+
+    def __init__(self, name, translator, sources, tgt_dict, beam, max_len_b, blocks):
+        super().__init__(name, "ct2", flops_layers=blocks)
+        self.translator, self.sources, self.tgt_dict = translator, sources, tgt_dict
+        self.beam, self.max_len_b, self.blocks = beam, max_len_b, blocks
+        self.compute_ae = float(blocks)
+
+    def generate(self, batch):
+        tokens = [self.sources[sid] for sid in batch["id"].tolist()]
+        return self.translator.translate_batch(tokens, beam_size=self.beam, max_decoding_length=self.max_len_b,
+                                               max_batch_size=0, return_scores=False)
+
+    def unpack(self, batch, results):
+        outputs = []
+        for sid, result in zip(batch["id"].tolist(), results):
+            tokens = [self.tgt_dict.index(tok) for tok in result.hypotheses[0]] + [self.tgt_dict.eos()]
+            outputs.append(Output(int(sid), tokens, [self.blocks] * len(tokens)))
+        return outputs
+
+
+def convert_to_ct2(adaptive, model_args, task, data: str, workdir: str):
+    """Save the full-depth model as a stock ``transformer`` checkpoint and run ``ct2-fairseq-converter``
+    on it. Returns (ctranslate2 module, model directory) or (None, reason)."""
+    try:
+        import ctranslate2
+    except ImportError as err:
+        return None, f"ctranslate2 is not installed ({err}); pip install ctranslate2"
+    converter = shutil.which("ct2-fairseq-converter") or os.path.join(os.path.dirname(sys.executable),
+                                                                      "ct2-fairseq-converter")
+    if not os.path.exists(converter):
+        return None, "ct2-fairseq-converter not found next to the Python interpreter"
+    stock = truncated_stock_model(adaptive, model_args, task, adaptive.decoder.num_layers)
+    checkpoint = os.path.join(workdir, "stock_transformer.pt")
+    torch.save({"args": stock_args(model_args), "cfg": None, "model": stock.state_dict()}, checkpoint)
+    out_dir = os.path.join(workdir, "ct2")
+    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    proc = subprocess.run([converter, "--model_path", checkpoint, "--data_dir", data, "--output_dir", out_dir,
+                           "--unsafe_deserialization"], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return None, f"ct2-fairseq-converter failed: {tail[0]}"
+    return ctranslate2, out_dir
+
+
+def ct2_sources(dataset, src_dict) -> Dict[int, List[str]]:
+    """Source BPE tokens per sentence id, without the EOS that CTranslate2 appends itself."""
+    sources = {}
+    for sid in range(len(dataset)):
+        ids = dataset.src[sid].tolist()
+        sources[sid] = [src_dict[i] for i in ids if i != src_dict.eos()]
+    return sources
+
+
+# ---- measuring ------------------------------------------------------------------------------------
+
+
+def timed_pass(row: Row, batches) -> Tuple[float, List[Output]]:
+    """Decode every batch once; only the generator calls are timed."""
+    row.start()
+    elapsed, outputs = 0.0, []
+    for batch in batches:
+        begin = time.perf_counter()
+        result = row.generate(batch)
+        elapsed += time.perf_counter() - begin
+        outputs.extend(row.unpack(batch, result))
+    row.finish()
+    return elapsed, outputs
+
+
+def measure(rows: Sequence[Row], batches, repeats: int):
+    """Warm every row up on one batch, then ``repeats`` interleaved timed passes (order reversed on
+    every other pass). Decoding is deterministic: outputs are kept from the first pass."""
+    for row in rows:
+        timed_pass(row, batches[:1])
+    for rep in range(repeats):
+        for row in (rows if rep % 2 == 0 else list(reversed(rows))):
+            elapsed, outputs = timed_pass(row, batches)
+            row.times.append(elapsed)
+            if rep == 0:
+                row.outputs = outputs
+
+
+class BleuReferee:
+    """fairseq-generate's tokenized BLEU with --remove-bpe, for every row alike."""
+
+    def __init__(self, dataset, tgt_dict):
+        self.tgt_dict = tgt_dict
+        self.score_dict = copy.deepcopy(tgt_dict)  # encode_line adds unseen words: keep them off the model's
+        self.refs = {}
+        self.dataset = dataset
+
+    def reference(self, sid: int):
+        if sid not in self.refs:
+            text = self.tgt_dict.string(self.dataset.tgt[sid], REMOVE_BPE, escape_unk=True)
+            self.refs[sid] = self.score_dict.encode_line(text, add_if_not_exist=True)
+        return self.refs[sid]
+
+    def bleu(self, outputs: Sequence[Output]) -> float:
+        scorer = Scorer(BleuConfig(pad=self.tgt_dict.pad(), eos=self.tgt_dict.eos(), unk=self.tgt_dict.unk()))
+        for out in outputs:
+            text = self.tgt_dict.string(torch.tensor(out.tokens), REMOVE_BPE)
+            scorer.add(self.reference(out.sample_id), self.score_dict.encode_line(text, add_if_not_exist=True))
+        return scorer.score()
+
+
+@dataclass
+class Summary:
+    name: str
+    kind: str
+    tokens_per_s: float
+    sentences_per_s: float
+    bleu: float
+    ae: float
+    compute_ae: float
+    mflops: float
+    speedup: float = float("nan")
+    ideal: float = float("nan")
+    efficiency: float = float("nan")
+
+
+def summarize(row: Row, referee: BleuReferee, dims: DecoderDims, src_lengths: Dict[int, int]) -> Summary:
+    seconds = statistics.median(row.times)
+    ntokens = sum(len(o.tokens) for o in row.outputs)
+    exits = [e for o in row.outputs for e in o.exits]
+    layer_dims = DecoderDims(row.flops_layers or dims.num_layers, dims.embed_dim, dims.ffn_dim,
+                             dims.encoder_dim, dims.vocab)
+    mflops = flops_per_token(layer_dims, ((o.exits, src_lengths[o.sample_id]) for o in row.outputs),
+                             row.flops_rule) / 1e6
+    return Summary(row.name, row.kind, ntokens / seconds, len(row.outputs) / seconds, referee.bleu(row.outputs),
+                   sum(exits) / len(exits), row.compute_ae, mflops)
+
+
+def add_speedups(summaries: List[Summary], limit_tpt: Dict[int, float]):
+    """Speedup against row 1; for our rows the ideal (limit) speedup at the same AE and efficiency."""
+    base = summaries[0]
+    for s in summaries:
+        s.speedup = s.tokens_per_s / base.tokens_per_s
+        if s.kind in ("ours", "estimator", "confidence") and limit_tpt:
+            s.ideal = (1.0 / base.tokens_per_s) / interpolate(limit_tpt, s.ae)
+            s.efficiency = s.speedup / s.ideal
+        elif s.kind == "limit":
+            s.ideal = s.speedup
+
+
+def interpolate(points: Dict[int, float], x: float) -> float:
+    """Linear interpolation of ``points`` (integer k → value) at x, clamped to the ends."""
+    ks = sorted(points)
+    x = min(max(x, ks[0]), ks[-1])
+    lo = max(k for k in ks if k <= x)
+    hi = min(k for k in ks if k >= x)
+    if lo == hi:
+        return points[lo]
+    return points[lo] + (points[hi] - points[lo]) * (x - lo) / (hi - lo)
+
+
+def best_adaptive(summaries: List[Summary], tolerance: float, kinds=("estimator", "confidence")) -> Optional[Summary]:
+    """The fastest adaptive row whose BLEU is within ``tolerance`` of row 1's."""
+    base = summaries[0].bleu
+    good = [s for s in summaries if s.kind in kinds and s.bleu >= base - tolerance]
+    return max(good, key=lambda s: s.speedup) if good else None
+
+
+# ---- reporting -----------------------------------------------------------------------------------
+
+
+def markdown_table(summaries: List[Summary]) -> str:
+    lines = ["| row | tokens/s | sent/s | BLEU | AE | compute AE | MFLOPs/tok | speedup | ideal | efficiency |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def fmt(x, spec):
+        return "" if x != x else format(x, spec)  # NaN → blank
+
+    for s in summaries:
+        lines.append(f"| {s.name} | {s.tokens_per_s:.0f} | {s.sentences_per_s:.1f} | {s.bleu:.2f} | {s.ae:.2f} | "
+                     f"{fmt(s.compute_ae, '.2f')} | {s.mflops:.2f} | {s.speedup:.2f} | {fmt(s.ideal, '.2f')} | "
+                     f"{fmt(s.efficiency, '.2f')} |")
+    return "\n".join(lines)
+
+
+def result_line(summaries: List[Summary], tolerance: float) -> str:
+    base = summaries[0]
+    ours = next(s for s in summaries if s.kind == "ours")
+    overhead = base.tokens_per_s / ours.tokens_per_s  # time(row 2) / time(row 1) per token
+    best = best_adaptive(summaries, tolerance)
+    if best is None:
+        return f"RESULT speedup=nan ideal=nan efficiency=nan bleu_delta=nan ae=nan overhead={overhead:.4f}"
+    return (f"RESULT speedup={best.speedup:.4f} ideal={best.ideal:.4f} efficiency={best.efficiency:.4f} "
+            f"bleu_delta={best.bleu - base.bleu:.4f} ae={best.ae:.4f} overhead={overhead:.4f}")
+
+
+def write_plot(per_setting: Dict[str, List[Summary]], path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = {"fairseq": "s", "ours": "D", "limit": "o", "estimator": "^", "confidence": "v", "ct2": "x"}
+    fig, axes = plt.subplots(1, len(per_setting), figsize=(6 * len(per_setting), 4.5), squeeze=False)
+    for ax, (setting, summaries) in zip(axes[0], per_setting.items()):
+        for kind, marker in markers.items():
+            points = [s for s in summaries if s.kind == kind]
+            if points:
+                ax.plot([s.tokens_per_s for s in points], [s.bleu for s in points], marker=marker,
+                        linestyle="-" if kind in ("limit", "estimator", "confidence") else "", label=kind)
+        for s in summaries:
+            ax.annotate(s.name.split(" ", 1)[-1], (s.tokens_per_s, s.bleu), fontsize=6,
+                        textcoords="offset points", xytext=(3, 3))
+        ax.set_title(setting)
+        ax.set_xlabel("tokens/s")
+        ax.set_ylabel("BLEU")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- the benchmark -------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    model: nn.Module
+    model_args: object
+    task: object
+    dims: DecoderDims
+    limits: Dict[int, nn.Module]
+    ct2: Optional[Tuple[object, str]]
+
+
+def build_rows(ctx: Context, beam: int, args, est_thresholds, conf_thresholds, sources) -> List[Row]:
+    tgt_dict, n = ctx.task.target_dictionary, ctx.dims.num_layers
+    rows: List[Row] = [FairseqRow("fairseq full", "fairseq", ctx.limits[n], tgt_dict, beam, args.max_len_b, n),
+                       AdaptiveRow("ours (no flags)", "ours", ctx.model, tgt_dict, beam, args.max_len_b),
+                       AdaptiveRow(f"ours fixed={n}", "ours", ctx.model, tgt_dict, beam, args.max_len_b,
+                                   fixed_exit=n)]
+    rows += [FairseqRow(f"limit k={k}", "limit", ctx.limits[k], tgt_dict, beam, args.max_len_b, k)
+             for k in range(1, n)]
+    rule = getattr(ctx.model.decoder, "depth_estimator_name", "none")
+    rows += [AdaptiveRow(f"estimator T={t:g}", "estimator", ctx.model, tgt_dict, beam, args.max_len_b,
+                         flops_rule=rule, exit_strategy="estimator", exit_threshold=str(t)) for t in est_thresholds]
+    rows += [AdaptiveRow(f"confidence T={t:g}", "confidence", ctx.model, tgt_dict, beam, args.max_len_b,
+                         flops_rule="confidence", exit_strategy="confidence", exit_threshold=str(t))
+             for t in conf_thresholds]
+    if ctx.ct2 is not None:
+        ctranslate2, model_dir = ctx.ct2
+        for compute_type in ("float32", "int8"):
+            translator = ctranslate2.Translator(model_dir, device="cpu", compute_type=compute_type,
+                                                inter_threads=1, intra_threads=args.threads)
+            rows.append(CT2Row(f"ct2 {compute_type}", translator, sources, tgt_dict, beam, args.max_len_b, n))
+    return rows
+
+
+def load_context(args, workdir: str) -> Context:
+    models, saved_cfg, task = checkpoint_utils.load_model_ensemble_and_task([args.path],
+                                                                            arg_overrides={"data": args.data})
+    model = models[0].eval()
+    if not hasattr(model.decoder, "exit_logits"):
+        raise SystemExit(f"{args.path} is not an adaptive_transformer checkpoint")
+    task.load_dataset(args.subset)
+    n = model.decoder.num_layers
+    limits = {k: truncated_stock_model(model, saved_cfg.model, task, k) for k in range(1, n + 1)}
+    ct2 = None
+    if args.no_ct2:
+        print("CTranslate2 rows skipped: --no-ct2")
+    else:
+        module, where = convert_to_ct2(model, saved_cfg.model, task, args.data, workdir)
+        if module is None:
+            print(f"CTranslate2 rows skipped: {where}")
+        else:
+            ct2 = (module, where)
+    return Context(model, saved_cfg.model, task, DecoderDims.of_model(model), limits, ct2)
+
+
+def check_reference_rows(summaries: List[Summary], rows: List[Row]):
+    """Row 1 (stock fairseq) and row 2 (ours, no flags) must decode the same tokens."""
+    a, b = rows[0].outputs, rows[1].outputs
+    same = sum(x.tokens == y.tokens for x, y in zip(a, b))
+    if same != len(a):
+        print(f"WARNING: ours (no flags) differs from fairseq on {len(a) - same}/{len(a)} sentences")
+
+
+def run_setting(ctx: Context, args, batch_size: int, beam: int, est_thresholds, conf_thresholds, sources,
+                referee) -> List[Summary]:
+    limit = args.batch1_sentences if batch_size == 1 and args.batch1_sentences else args.max_sentences
+    batches = load_batches(ctx.task, [ctx.model], args.subset, batch_size, limit)
+    rows = build_rows(ctx, beam, args, est_thresholds, conf_thresholds, sources)
+    nsent = sum(len(b["id"]) for b in batches)
+    print(f"\n== beam {beam}, batch {batch_size}: {nsent} sentences in {len(batches)} batches, {len(rows)} rows "
+          f"x {args.repeats} interleaved passes", flush=True)
+    begin = time.perf_counter()
+    measure(rows, batches, args.repeats)
+    src_lengths = {int(sid): int(length) for b in batches
+                   for sid, length in zip(b["id"].tolist(), b["net_input"]["src_lengths"].tolist())}
+    summaries = [summarize(row, referee, ctx.dims, src_lengths) for row in rows]
+    n = ctx.dims.num_layers
+    limit_tpt = {int(s.name.split("=")[1]): 1.0 / s.tokens_per_s for s in summaries if s.kind == "limit"}
+    limit_tpt[n] = 1.0 / summaries[0].tokens_per_s
+    add_speedups(summaries, limit_tpt)
+    check_reference_rows(summaries, rows)
+    print(f"(measured in {time.perf_counter() - begin:.0f} s)")
+    return summaries
+
+
+def carried_thresholds(summaries: List[Summary], kind: str, tolerance: float) -> List[float]:
+    """The first setting's best threshold of one rule, for later settings (--quick)."""
+    best = best_adaptive(summaries, tolerance, kinds=(kind,))
+    if best is None:  # none within tolerance: the most conservative one
+        candidates = [s for s in summaries if s.kind == kind]
+        best = max(candidates, key=lambda s: s.bleu) if candidates else None
+    return [float(best.name.split("=")[1])] if best else []
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, force=True)  # keep fairseq's loading chatter out of the tables
+    torch.set_num_threads(args.threads)
+    machine = machine_description(args.threads)
+    print(f"machine: {machine}")
+    load = os.getloadavg()
+    print(f"load average before start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    with tempfile.TemporaryDirectory(prefix="dat-bench-") as workdir:
+        ctx = load_context(args, workdir)
+        est = parse_floats(args.estimator_thresholds) if ctx.model.decoder.depth_estimator is not None else []
+        if not est:
+            print("estimator rows skipped: the checkpoint has no trained depth estimator")
+        conf = parse_floats(args.confidence_thresholds)
+        dataset = ctx.task.dataset(args.subset)
+        sources = ct2_sources(dataset, ctx.task.source_dictionary) if ctx.ct2 else {}
+        referee = BleuReferee(dataset, ctx.task.target_dictionary)
+        print(f"model: {args.path}; decoder N={ctx.dims.num_layers} d={ctx.dims.embed_dim} "
+              f"d_f={ctx.dims.ffn_dim} d_e={ctx.dims.encoder_dim} V={ctx.dims.vocab}; "
+              f"encoder layers {len(ctx.model.encoder.layers)}")
+        per_setting: Dict[str, List[Summary]] = {}
+        for i, (batch_size, beam) in enumerate(args.settings):
+            summaries = run_setting(ctx, args, batch_size, beam, est, conf, sources, referee)
+            name = f"beam {beam}, batch {batch_size}"
+            per_setting[name] = summaries
+            print(markdown_table(summaries))
+            print(f"BEST {name}: {result_line(summaries, args.bleu_tolerance)[len('RESULT '):]}", flush=True)
+            if i == 0 and not args.full_sweep_everywhere:
+                est = carried_thresholds(summaries, "estimator", args.bleu_tolerance)
+                conf = carried_thresholds(summaries, "confidence", args.bleu_tolerance)
+    write_reports(args, machine, per_setting)
+    print(result_line(next(iter(per_setting.values())), args.bleu_tolerance))
+
+
+def write_reports(args, machine: str, per_setting: Dict[str, List[Summary]]):
+    os.makedirs(args.out_dir, exist_ok=True)
+    md_path = os.path.join(args.out_dir, "generation_speed.md")
+    png_path = os.path.join(args.out_dir, "generation_speed.png")
+    with open(md_path, "w") as f:
+        f.write(f"# Generation speed\n\nmodel `{args.path}`, split `{args.subset}`; {machine}; median of "
+                f"{args.repeats} interleaved passes; speedup = tokens/s against row 1\n")
+        for name, summaries in per_setting.items():
+            f.write(f"\n## {name}\n\n{markdown_table(summaries)}\n\n"
+                    f"{result_line(summaries, args.bleu_tolerance)}\n")
+    write_plot(per_setting, png_path)
+    print(f"\nwrote {md_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    main()

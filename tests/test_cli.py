@@ -1,0 +1,102 @@
+"""End to end through fairseq's own command-line tools on a slice of real Multi30k data:
+fairseq-preprocess, fairseq-train (aligned, then the estimator stage from the stage-1 checkpoint),
+fairseq-generate --task adaptive_translation with --exit-threshold, --fixed-exit and --print-exits."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BPE_DIR = REPO / "data-bin" / "multi30k_de_en.bpe"
+SHARED = Path(os.environ.get("FAIRSEQ_DAT_SHARED", REPO.parent / "shared"))
+
+
+def run(*argv, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(BIN / argv[0]), *map(str, argv[1:])], capture_output=True, text=True, env=env,
+                          timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{argv[0]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """300 training pairs (Multi30k BPE text from examples/multi30k_de_en/prepare.sh, or built here
+    from ../shared with LIMIT) binarized with a joined dictionary."""
+    tmp = tmp_path_factory.mktemp("cli")
+    bpe = BPE_DIR
+    if not (bpe / "train.de").exists():
+        if not (SHARED / "data" / "multi30k-de-en").exists():
+            pytest.skip(f"no Multi30k data: neither {BPE_DIR} nor {SHARED}/data exists")
+        out = tmp / "m30k"
+        subprocess.run(["bash", str(REPO / "examples/multi30k_de_en/prepare.sh"), str(SHARED / "data"), str(out)],
+                       check=True, env=dict(os.environ, LIMIT="2000", PATH=f"{BIN}:{os.environ['PATH']}"),
+                       capture_output=True)
+        bpe = tmp / "m30k.bpe"
+    text = tmp / "text"
+    text.mkdir()
+    for split, n in (("train", 300), ("valid", 40), ("test", 24)):
+        for lang in ("de", "en"):
+            lines = (bpe / f"{split}.{lang}").read_text().splitlines()[:n]
+            (text / f"{split}.{lang}").write_text("\n".join(lines) + "\n")
+    run("fairseq-preprocess", "--source-lang", "de", "--target-lang", "en", "--joined-dictionary",
+        "--trainpref", text / "train", "--validpref", text / "valid", "--testpref", text / "test",
+        "--destdir", tmp / "bin", "--workers", "1")
+    return tmp
+
+
+TRAIN_ARGS = ["--user-dir", REPO / "fairseq_dat", "--task", "adaptive_translation", "--arch",
+              "adaptive_transformer_tiny", "--criterion", "adaptive_label_smoothed_cross_entropy",
+              "--label-smoothing", "0.1", "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "2000",
+              "--cpu", "--log-format", "simple", "--log-interval", "1", "--no-epoch-checkpoints", "--seed", "1"]
+
+
+def test_train_two_stages_then_generate_with_exit_threshold(tiny_data):
+    data = tiny_data / "bin"
+    stage1, stage2 = tiny_data / "stage1", tiny_data / "stage2"
+    proc = run("fairseq-train", data, *TRAIN_ARGS, "--max-update", "6", "--save-dir", stage1)
+    assert re.search(r"loss_exit1=[0-9.]+.*loss_exit3=[0-9.]+.*ppl_exit3=", proc.stdout + proc.stderr)
+    proc = run("fairseq-train", data, *TRAIN_ARGS, "--max-update", "4", "--save-dir", stage2,
+               "--depth-estimator", "token-geometric", "--depth-oracle", "correctness", "--oracle-lambda", "0.1",
+               "--exit-loss-alpha", "1.0", "--finetune-from-model", stage1 / "checkpoint_last.pt")
+    logs = proc.stdout + proc.stderr
+    assert "newly initialized" in logs and "decoder.depth_estimator" in logs
+    assert re.search(r"exit_loss[ =]", logs) and re.search(r"oracle_ae[ =]", logs)
+
+    gen = run("fairseq-generate", data, "--user-dir", REPO / "fairseq_dat", "--task", "adaptive_translation",
+              "--path", stage2 / "checkpoint_last.pt", "--beam", "3", "--batch-size", "8", "--max-len-b", "10",
+              "--cpu", "--exit-threshold", "0.5", "--print-exits", "--remove-bpe").stdout
+    lines = gen.splitlines()
+    bleu = [i for i, l in enumerate(lines) if l.startswith("Generate test with beam=3: BLEU4")]
+    summary = [i for i, l in enumerate(lines) if l.startswith("Adaptive exits (N=3): AE=")]
+    assert bleu and summary and summary[0] > bleu[0], gen[-2000:]
+    hyps = {l.split("\t")[0][2:]: l for l in lines if l.startswith("H-")}
+    exits = {l.split("\t")[0][2:]: l.split("\t")[1].split() for l in lines if l.startswith("E-")}
+    assert len(hyps) == len(exits) == 24
+    for sid, line in hyps.items():
+        n_tokens = len(line.split("\t")[2].split()) if len(line.split("\t")) > 2 else 0
+        assert all(e in {"1", "2", "3"} for e in exits[sid])
+        assert len(exits[sid]) >= n_tokens  # one exit per output token, EOS included (BPE merged in H)
+    ae = float(re.search(r"AE=([0-9.]+)", lines[summary[0]]).group(1))
+    assert 1.0 <= ae <= 3.0
+
+
+def test_fixed_exit_and_bad_flags_on_the_command_line(tiny_data):
+    data, ckpt_dir = tiny_data / "bin", tiny_data / "fixed"
+    run("fairseq-train", data, *TRAIN_ARGS, "--max-update", "2", "--save-dir", ckpt_dir)
+    common = ["--user-dir", REPO / "fairseq_dat", "--task", "adaptive_translation", "--path",
+              ckpt_dir / "checkpoint_last.pt", "--beam", "2", "--batch-size", "8", "--max-len-b", "5", "--cpu"]
+    out = run("fairseq-generate", data, *common, "--fixed-exit", "1").stdout
+    assert "Adaptive exits (N=3): AE=1.0000" in out
+    for flags, needle in ((["--fixed-exit", "7"], "--fixed-exit must be in 1..3"),
+                          (["--exit-threshold", "nan"], "--exit-threshold"),
+                          (["--exit-threshold", "0.5"], "--exit-threshold needs a checkpoint with a trained depth estimator")):
+        proc = run("fairseq-generate", data, *common, *flags, check=False)
+        assert proc.returncode != 0
+        assert needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+        assert "H-" not in proc.stdout  # stopped before decoding anything
