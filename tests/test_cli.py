@@ -100,3 +100,21 @@ def test_fixed_exit_and_bad_flags_on_the_command_line(tiny_data):
         assert proc.returncode != 0
         assert needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1500:]
         assert "H-" not in proc.stdout  # stopped before decoding anything
+
+
+def test_average_last_checkpoints(tiny_data):
+    data, run_dir = tiny_data / "bin", tiny_data / "avg"
+    run("fairseq-train", data, *TRAIN_ARGS, "--max-update", "3", "--save-interval-updates", "1",
+        "--save-dir", run_dir)
+    import torch
+    from fairseq import checkpoint_utils
+    from fairseq_dat.cli.average_checkpoints import average, last_checkpoints
+    paths = last_checkpoints(str(run_dir), 3, "updates")
+    assert [Path(p).name for p in paths] == ["checkpoint_1_3.pt", "checkpoint_1_2.pt", "checkpoint_1_1.pt"]
+    averaged = average(paths)["model"]
+    models = [checkpoint_utils.load_checkpoint_to_cpu(p)["model"] for p in paths]
+    key = "decoder.exit_projections.0.weight"
+    torch.testing.assert_close(averaged[key], sum(m[key] for m in models) / 3)
+    proc = subprocess.run([sys.executable, "-m", "fairseq_dat.cli.average_checkpoints", str(run_dir), "--last", "9",
+                           "--output", str(run_dir / "avg.pt")], capture_output=True, text=True)
+    assert proc.returncode != 0 and "--last 9" in proc.stderr and "Traceback" not in proc.stderr

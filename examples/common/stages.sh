@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Training and evaluation stages shared by the reproduction recipes (sourced, not run).
+# The recipe sets: REPO, DATA_BIN, RUN_DIR, MODEL=(arch flags), OPTIM=(optimizer flags),
+# LENGTH=(--max-epoch/--max-update ...), STAGE2_LENGTH=(...), DEVICE=(--cpu or --fp16 ...), GEN_DEVICE=(--cpu or nothing),
+# BEAM, NUM_EXITS, GEN=(extra generate flags), THRESHOLDS="...", CONF_THRESHOLDS="...".
+#
+# Stages (each resumable: rerunning continues from RUN_DIR/<stage>/checkpoint_last.pt):
+#   aligned | baseline-N (N decoder blocks, one exit) | mixed-M | <estimator>-<LL|C>
+#   (estimator: sequence, token-multinomial, geometric = token-geometric, ...; stage 2 from aligned)
+# Evaluation: eval STAGE SUBSET writes RUN_DIR/STAGE/generate-SUBSET-SETTING.log for
+#   SETTING = full, exit1..exitN (aligned/mixed), thr<T> (estimators), conf<T> (aligned: confidence).
+
+COMMON=(--user-dir "$REPO/fairseq_dat" --task adaptive_translation --seed 1 --log-format simple
+        --log-interval 50 --keep-last-epochs 10 --save-interval-updates 0)
+
+train_stage() {  # train_stage STAGE
+  local stage=$1 dir="$RUN_DIR/$1" extra=()
+  case "$stage" in
+    aligned) extra=(--criterion adaptive_label_smoothed_cross_entropy --exit-training aligned "${LENGTH[@]}") ;;
+    baseline-[1-9]) extra=(--decoder-layers "${stage#baseline-}" --criterion label_smoothed_cross_entropy "${LENGTH[@]}") ;;
+    mixed-[0-9]*) extra=(--criterion adaptive_label_smoothed_cross_entropy --exit-training mixed
+                         --mixed-samples "${stage#mixed-}" "${LENGTH[@]}") ;;
+    *-LL|*-C)
+      local est=${stage%-*} oracle=correctness
+      [ "${stage##*-}" = LL ] && oracle=likelihood
+      [ "$est" = geometric ] && est=token-geometric
+      local init=()
+      if [ ! -f "$dir/checkpoint_last.pt" ]; then
+        [ -f "$RUN_DIR/aligned/checkpoint_best.pt" ] || { echo "error: stage $stage needs $RUN_DIR/aligned/checkpoint_best.pt (train the aligned stage first)" >&2; return 1; }
+        init=(--finetune-from-model "$RUN_DIR/aligned/checkpoint_best.pt")
+      fi
+      extra=(--depth-estimator "$est" --criterion adaptive_label_smoothed_cross_entropy --depth-oracle "$oracle"
+             --oracle-lambda "${LAMBDA:-0.1}" --oracle-sigma "${SIGMA:-0}" --exit-loss-alpha "${ALPHA:-1.0}"
+             "${init[@]}" "${STAGE2_LENGTH[@]}") ;;
+    *) echo "error: unknown stage '$stage' (aligned, baseline-N, mixed-M, <estimator>-LL|C)" >&2; return 1 ;;
+  esac
+  mkdir -p "$dir"
+  echo "[$(date +%T)] train $stage -> $dir (log: $dir/train.log)"
+  fairseq-train "$DATA_BIN" "${COMMON[@]}" "${DEVICE[@]}" "${MODEL[@]}" "${OPTIM[@]}" "${extra[@]}" \
+    --save-dir "$dir" --tensorboard-logdir "$dir/tb" >> "$dir/train.log" 2>&1
+  grep -E "valid on|done training" "$dir/train.log" | tail -2
+}
+
+generate_setting() {  # generate_setting STAGE SUBSET SETTING FLAGS...
+  local stage=$1 subset=$2 setting=$3; shift 3
+  local log="$RUN_DIR/$stage/generate-$subset-$setting.log"
+  fairseq-generate "$DATA_BIN" --user-dir "$REPO/fairseq_dat" --task adaptive_translation \
+    --path "$RUN_DIR/$stage/${CHECKPOINT:-checkpoint_best.pt}" --gen-subset "$subset" --beam "$BEAM" \
+    --batch-size 64 --remove-bpe "${GEN_DEVICE[@]}" "${GEN[@]}" "$@" > "$log" 2>&1 \
+    || { echo "error: generation failed, see $log" >&2; return 1; }
+  printf '%-14s %-8s %-10s %s | %s\n' "$stage" "$subset" "$setting" \
+    "$(grep -h -o 'BLEU4 = [0-9.]*' "$log")" "$(grep -h -o 'AE=[0-9.]*' "$log")"
+}
+
+eval_stage() {  # eval_stage STAGE SUBSET
+  local stage=$1 subset=$2
+  [ -f "$RUN_DIR/$stage/${CHECKPOINT:-checkpoint_best.pt}" ] || { echo "error: $RUN_DIR/$stage/${CHECKPOINT:-checkpoint_best.pt} not found (train $stage first)" >&2; return 1; }
+  generate_setting "$stage" "$subset" full
+  case "$stage" in
+    aligned|mixed-*)
+      for n in $(seq 1 "$NUM_EXITS"); do generate_setting "$stage" "$subset" "exit$n" --fixed-exit "$n"; done
+      for t in $CONF_THRESHOLDS; do generate_setting "$stage" "$subset" "conf$t" --exit-strategy confidence --exit-threshold "$t"; done ;;
+    *-LL|*-C)
+      for t in $THRESHOLDS; do generate_setting "$stage" "$subset" "thr$t" --exit-threshold "$t"; done ;;
+  esac
+}
