@@ -1,0 +1,1 @@
+"""Command-line tools around fairseq-generate: threshold search, result tables, exit analysis."""
