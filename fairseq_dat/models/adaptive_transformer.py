@@ -35,6 +35,7 @@ from fairseq.models.transformer import (
 from fairseq.models.transformer.transformer_legacy import transformer_wmt_en_de_big
 from fairseq.modules import LayerNorm
 
+from ..checks import check_embedding_sizes
 from ..errors import ConfigError
 from ..modules.depth_estimators import DEPTH_ESTIMATORS, build_depth_estimator
 
@@ -114,6 +115,7 @@ class AdaptiveTransformerModel(TransformerModel):
         estimator (fairseq's stock transformer, or a stage-1 model for the estimator stage, e.g. via
         ``--finetune-from-model``) keeps this model's fresh values for the missing parameters, and a
         log line names them."""
+        check_embedding_sizes(self, state_dict)  # other dictionaries: ConfigError naming the dict file
         own = self.state_dict()
         missing = [k for k in own if k not in state_dict and k.startswith(ADAPTIVE_PARAM_PREFIXES)]
         if missing:
@@ -135,6 +137,8 @@ class AdaptiveTransformerModel(TransformerModel):
             raise ConfigError(f"--init-from-transformer: cannot read checkpoint {path}: {err}") from err
         try:
             self.load_state_dict(state["model"], strict=True)
+        except ConfigError as err:
+            raise ConfigError(f"--init-from-transformer {path}: {err}") from None
         except RuntimeError as err:
             first = str(err).strip().splitlines()
             raise ConfigError(f"--init-from-transformer: {path} does not match this architecture "
@@ -211,10 +215,13 @@ class AdaptiveTransformerDecoder(TransformerDecoderBase):
         present = torch.unique(exits).tolist()
         if len(present) == 1:
             return self.exit_logits(states, int(present[0]))
-        out = states.new_empty(exits.shape + (len(self.dictionary),))
+        out = None  # sized by the classifiers: fairseq-generate --remove-bpe grows the dictionary object
         for n in present:
             where = exits == n
-            out[where] = self.exit_logits(states[where], int(n)).to(out.dtype)
+            logits = self.exit_logits(states[where], int(n))
+            if out is None:
+                out = logits.new_empty(exits.shape + logits.shape[-1:])
+            out[where] = logits.to(out.dtype)
         return out
 
     # ---- forward -------------------------------------------------------------------------------
@@ -418,7 +425,8 @@ class AdaptiveTransformerDecoder(TransformerDecoderBase):
         rows whose logits the policy already computed (confidence thresholding) reuse them."""
         if not ready_logits:
             return self.logits_at_exits(h, step_exits)
-        out = h.new_empty(h.size(0), len(self.dictionary))
+        vocab = next(iter(ready_logits.values()))[1].size(-1)
+        out = h.new_empty(h.size(0), vocab)
         done = torch.zeros_like(step_exits, dtype=torch.bool)
         for rows, logits in ready_logits.values():
             out[rows] = logits.to(out.dtype)

@@ -11,9 +11,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+from fairseq import utils
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+from .. import checks
 from ..exit_policy import STRATEGIES
 from ..sequence_generator import AdaptiveSequenceGenerator
 
@@ -53,6 +55,44 @@ class AdaptiveTranslationTask(TranslationTask):
         self.generators = []
         self._summary_registered = False
 
+    # ---- one-line errors for bad data, dictionaries and flags (fairseq_dat/checks.py) ---------
+
+    @classmethod
+    def setup_task(cls, cfg, **kwargs):
+        checks.check_data_dir(cfg)
+        return super().setup_task(cfg, **kwargs)
+
+    @classmethod
+    def load_dictionary(cls, filename):
+        checks.check_dictionary_file(filename)
+        dictionary = super().load_dictionary(filename)
+        dictionary.filename = filename  # named by checks.check_embedding_sizes
+        return dictionary
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        try:
+            return super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+        except FileNotFoundError:
+            paths = utils.split_paths(self.cfg.data)  # the directory fairseq read, as in its load_dataset
+            raise checks.dataset_not_found(split, paths[(epoch - 1) % len(paths)], self.cfg.source_lang,
+                                           self.cfg.target_lang) from None
+
+    def build_model(self, cfg, from_checkpoint=False):
+        if not from_checkpoint:  # a checkpoint's stored flags are not this run's
+            checks.check_precision_flags(cfg)
+        model = super().build_model(cfg, from_checkpoint)
+        if not from_checkpoint:
+            checks.check_training_flags(cfg, model)
+        return model
+
+    def filter_indices_by_size(self, indices, dataset, max_positions=None, ignore_invalid_inputs=False):
+        try:
+            return super().filter_indices_by_size(indices, dataset, max_positions, ignore_invalid_inputs)
+        except Exception as err:  # fairseq raises a bare Exception for inputs over max_positions
+            if ignore_invalid_inputs or not str(err).startswith("Size of sample"):
+                raise
+            raise checks.inputs_too_long(dataset, indices, max_positions) from None
+
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None,
                         prefix_allowed_tokens_fn=None):
         if seq_gen_cls is not None or getattr(args, "score_reference", False) or \
@@ -83,7 +123,12 @@ class AdaptiveTranslationTask(TranslationTask):
                                        constraints=constraints)
         if isinstance(generator, AdaptiveSequenceGenerator):
             if getattr(self.cfg, "print_exits", False):
-                print_exit_lines(sample, hypos, getattr(generator, "nbest", 1))
+                if "id" in sample:
+                    print_exit_lines(sample, hypos, getattr(generator, "nbest", 1))
+                elif not getattr(self, "_warned_no_ids", False):  # fairseq-interactive passes no sentence ids
+                    logger.warning("--print-exits: this tool gives the task no sentence ids, so no E- lines; "
+                                   "the exits are in each hypothesis' 'exits' (hub interface: generate())")
+                    self._warned_no_ids = True
             self.register_summary()
         return hypos
 
