@@ -37,8 +37,9 @@ def check_dictionary_file(filename):
 
 def dataset_not_found(split, data, src, tgt):
     prefix = os.path.join(data, f"{split}.{src}-{tgt}.{src}")
-    return ConfigError(f"no binarized '{split}' split in {data} (expected {prefix}.bin/.idx from fairseq-preprocess); "
-                       "binarize it, or name another split (--train-subset, --valid-subset, --gen-subset)")
+    return ConfigError(f"no binarized '{split}' split in {data} (expected {prefix}.bin/.idx from "
+                       "fairseq-preprocess); binarize it, or name another split (--train-subset, --valid-subset, "
+                       "--gen-subset)")
 
 
 def inputs_too_long(dataset, indices, max_positions):
@@ -55,16 +56,18 @@ def inputs_too_long(dataset, indices, max_positions):
 def check_precision_flags(args):
     """``--bf16`` (and ``--memory-efficient-bf16``) in this fairseq imply ``--tpu`` and crash without
     torch_xla (``utils.get_tpu_device``), on CPU and GPU alike."""
-    if getattr(args, "tpu", False) or getattr(args, "bf16", False) or getattr(args, "memory_efficient_bf16", False):
+    bf16 = getattr(args, "bf16", False) or getattr(args, "memory_efficient_bf16", False)
+    if bf16 or getattr(args, "tpu", False):
         if importlib.util.find_spec("torch_xla") is None:
-            flag = "--bf16" if getattr(args, "bf16", False) or getattr(args, "memory_efficient_bf16", False) else "--tpu"
+            flag = "--bf16" if bf16 else "--tpu"
             raise ConfigError(f"{flag} needs a TPU: fairseq's bf16 path runs through torch_xla, which is not "
                               "installed; train in float32 on CPU (drop --bf16) or use --fp16 on a GPU")
 
 
 def check_training_flags(args, model):
     """Flags that need the built model: ``--exit-weights`` against its number of exits."""
-    if getattr(args, "criterion", None) == "adaptive_label_smoothed_cross_entropy" and hasattr(model.decoder, "exit_logits"):
+    adaptive = hasattr(getattr(model, "decoder", None), "exit_logits")
+    if adaptive and getattr(args, "criterion", None) == "adaptive_label_smoothed_cross_entropy":
         from .criterions.adaptive_label_smoothed_cross_entropy import resolve_exit_weights
         resolve_exit_weights(getattr(args, "exit_weights", "uniform") or "uniform", model.decoder.num_layers)
 
@@ -80,4 +83,5 @@ def check_embedding_sizes(model, state_dict):
         if ckpt_n != own_n:
             name = getattr(getattr(module, "dictionary", None), "filename", None) or f"the {which} dictionary"
             raise ConfigError(f"{name} has {own_n} entries but the checkpoint was trained with a {which} "
-                              f"dictionary of {ckpt_n}: use the data directory (dict.*.txt) the model was trained with")
+                              f"dictionary of {ckpt_n}: use the data directory (dict.*.txt) the model was "
+                              "trained with")
