@@ -16,10 +16,13 @@ For each decoding setting (batch size x beam size) the same batches (fairseq's
 
 Each row reports tokens/s and sentences/s (median of interleaved repeats; only the generator calls
 are timed), BLEU (fairseq's tokenized BLEU scorer on --remove-bpe'd output, one scorer for all rows),
-AE (mean exit over output tokens, EOS included), compute AE (over every beam row decoded),
-Appendix-B decoder FLOPs per token (:mod:`fairseq_dat.flops`), speedup (tokens/s against row 1) and,
-for our rows, efficiency = speedup / ideal, where ideal is the limit's speedup at the same AE (the
-limit's time per token interpolated linearly between integer k).
+output length (tokens per sentence, EOS included), AE (mean exit over output tokens), compute AE
+(over every beam row decoded: what time follows), Appendix-B decoder FLOPs per token
+(:mod:`fairseq_dat.flops`), speedup (tokens/s against row 1) and, for our rows, efficiency =
+speedup / ideal, where ideal is the limit's speedup at the same AE (the limit's time per token
+interpolated linearly between integer k); "eff. at compute AE" uses the compute AE instead.
+Time per token also depends on output length (rows whose outputs are longer or shorter are not
+quite comparable); ``--fixed-length L`` forces every row to L tokens for a like-for-like timing.
 
 The last line printed is machine-readable (first setting, by default beam 5 x batch 64):
 ``RESULT speedup=… ideal=… efficiency=… bleu_delta=… ae=… overhead=…``.
@@ -36,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -90,6 +94,10 @@ def parse_args(argv=None):
     parser.add_argument("--bleu-tolerance", type=float, default=0.3,
                         help="an adaptive row counts for RESULT if its BLEU is within this of row 1")
     parser.add_argument("--max-len-b", type=int, default=200, help="fairseq-generate --max-len-b")
+    parser.add_argument("--fixed-length", type=int, default=None, metavar="L",
+                        help="force every output to L tokens + EOS (fairseq --min-len = max length), so every "
+                             "row decodes the same number of tokens: a clean time-per-token comparison (BLEU "
+                             "is then meaningless)")
     parser.add_argument("--no-ct2", action="store_true", help="skip the CTranslate2 rows")
     parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
                         help=f"where the markdown table and the PNG go (default: {DEFAULT_OUT_DIR})")
@@ -238,13 +246,13 @@ class Row:
 class FairseqRow(Row):
     """fairseq's ``SequenceGenerator`` on a stock transformer of ``blocks`` decoder blocks."""
 
-    def __init__(self, name, kind, model, tgt_dict, beam, max_len_b, blocks):
+    def __init__(self, name, kind, model, tgt_dict, search: "Search", blocks):
         super().__init__(name, kind, flops_layers=blocks)
-        self.model, self.tgt_dict, self.beam, self.max_len_b, self.blocks = model, tgt_dict, beam, max_len_b, blocks
+        self.model, self.tgt_dict, self.search, self.blocks = model, tgt_dict, search, blocks
         self.compute_ae = float(blocks)
 
     def start(self):
-        self.generator = SequenceGenerator([self.model], self.tgt_dict, beam_size=self.beam, max_len_b=self.max_len_b)
+        self.generator = SequenceGenerator([self.model], self.tgt_dict, **self.search.fairseq_kwargs())
 
     def generate(self, batch):
         return self.generator.generate([self.model], batch)
@@ -257,14 +265,14 @@ class FairseqRow(Row):
 class AdaptiveRow(FairseqRow):
     """``AdaptiveSequenceGenerator`` with the given exit flags on the adaptive model."""
 
-    def __init__(self, name, kind, model, tgt_dict, beam, max_len_b, flops_rule="none", **exit_kwargs):
-        super().__init__(name, kind, model, tgt_dict, beam, max_len_b, model.decoder.num_layers)
+    def __init__(self, name, kind, model, tgt_dict, search: "Search", flops_rule="none", **exit_kwargs):
+        super().__init__(name, kind, model, tgt_dict, search, model.decoder.num_layers)
         self.flops_rule = flops_rule
         self.exit_kwargs = exit_kwargs
 
     def start(self):
-        self.generator = AdaptiveSequenceGenerator([self.model], self.tgt_dict, beam_size=self.beam,
-                                                   max_len_b=self.max_len_b, **self.exit_kwargs)
+        self.generator = AdaptiveSequenceGenerator([self.model], self.tgt_dict, **self.search.fairseq_kwargs(),
+                                                   **self.exit_kwargs)
 
     def unpack(self, batch, hypos):
         return [Output(int(sid), hypos[i][0]["tokens"].tolist(), hypos[i][0]["exits"].tolist())
@@ -277,16 +285,16 @@ class AdaptiveRow(FairseqRow):
 class CT2Row(Row):
     """CTranslate2's ``Translator.translate_batch`` on the converted full-depth model."""
 
-    def __init__(self, name, translator, sources, tgt_dict, beam, max_len_b, blocks):
+    def __init__(self, name, translator, sources, tgt_dict, search: "Search", blocks):
         super().__init__(name, "ct2", flops_layers=blocks)
         self.translator, self.sources, self.tgt_dict = translator, sources, tgt_dict
-        self.beam, self.max_len_b, self.blocks = beam, max_len_b, blocks
+        self.search, self.blocks = search, blocks
         self.compute_ae = float(blocks)
 
     def generate(self, batch):
         tokens = [self.sources[sid] for sid in batch["id"].tolist()]
-        return self.translator.translate_batch(tokens, beam_size=self.beam, max_decoding_length=self.max_len_b,
-                                               max_batch_size=0, return_scores=False)
+        return self.translator.translate_batch(tokens, max_batch_size=0, return_scores=False,
+                                               **self.search.ct2_kwargs())
 
     def unpack(self, batch, results):
         outputs = []
@@ -391,9 +399,11 @@ class Summary:
     ae: float
     compute_ae: float
     mflops: float
+    length: float  # output tokens per sentence, EOS included
     speedup: float = float("nan")
     ideal: float = float("nan")
     efficiency: float = float("nan")
+    efficiency_cae: float = float("nan")  # against the limit at the compute AE instead
 
 
 def summarize(row: Row, referee: BleuReferee, dims: DecoderDims, src_lengths: Dict[int, int]) -> Summary:
@@ -405,7 +415,7 @@ def summarize(row: Row, referee: BleuReferee, dims: DecoderDims, src_lengths: Di
     mflops = flops_per_token(layer_dims, ((o.exits, src_lengths[o.sample_id]) for o in row.outputs),
                              row.flops_rule) / 1e6
     return Summary(row.name, row.kind, ntokens / seconds, len(row.outputs) / seconds, referee.bleu(row.outputs),
-                   sum(exits) / len(exits), row.compute_ae, mflops)
+                   sum(exits) / len(exits), row.compute_ae, mflops, ntokens / len(row.outputs))
 
 
 def add_speedups(summaries: List[Summary], limit_tpt: Dict[int, float]):
@@ -416,6 +426,7 @@ def add_speedups(summaries: List[Summary], limit_tpt: Dict[int, float]):
         if s.kind in ("ours", "estimator", "confidence") and limit_tpt:
             s.ideal = (1.0 / base.tokens_per_s) / interpolate(limit_tpt, s.ae)
             s.efficiency = s.speedup / s.ideal
+            s.efficiency_cae = s.speedup * interpolate(limit_tpt, s.compute_ae) * base.tokens_per_s
         elif s.kind == "limit":
             s.ideal = s.speedup
 
@@ -442,16 +453,17 @@ def best_adaptive(summaries: List[Summary], tolerance: float, kinds=("estimator"
 
 
 def markdown_table(summaries: List[Summary]) -> str:
-    lines = ["| row | tokens/s | sent/s | BLEU | AE | compute AE | MFLOPs/tok | speedup | ideal | efficiency |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| row | tokens/s | sent/s | BLEU | len | AE | compute AE | MFLOPs/tok | speedup | ideal | efficiency "
+             "| eff. at compute AE |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def fmt(x, spec):
         return "" if x != x else format(x, spec)  # NaN → blank
 
     for s in summaries:
-        lines.append(f"| {s.name} | {s.tokens_per_s:.0f} | {s.sentences_per_s:.1f} | {s.bleu:.2f} | {s.ae:.2f} | "
-                     f"{fmt(s.compute_ae, '.2f')} | {s.mflops:.2f} | {s.speedup:.2f} | {fmt(s.ideal, '.2f')} | "
-                     f"{fmt(s.efficiency, '.2f')} |")
+        lines.append(f"| {s.name} | {s.tokens_per_s:.0f} | {s.sentences_per_s:.1f} | {s.bleu:.2f} | {s.length:.1f} | "
+                     f"{s.ae:.2f} | {fmt(s.compute_ae, '.2f')} | {s.mflops:.2f} | {s.speedup:.2f} | "
+                     f"{fmt(s.ideal, '.2f')} | {fmt(s.efficiency, '.2f')} | {fmt(s.efficiency_cae, '.2f')} |")
     return "\n".join(lines)
 
 
@@ -476,6 +488,8 @@ def write_plot(per_setting: Dict[str, List[Summary]], path: str):
     for ax, (setting, summaries) in zip(axes[0], per_setting.items()):
         for kind, marker in markers.items():
             points = [s for s in summaries if s.kind == kind]
+            if kind == "limit":  # the limit curve ends at full depth (row 1)
+                points = sorted(points + summaries[:1], key=lambda s: s.ae)
             if points:
                 ax.plot([s.tokens_per_s for s in points], [s.bleu for s in points], marker=marker,
                         linestyle="-" if kind in ("limit", "estimator", "confidence") else "", label=kind)
@@ -505,18 +519,38 @@ class Context:
     ct2: Optional[Tuple[object, str]]
 
 
-def build_rows(ctx: Context, beam: int, args, est_thresholds, conf_thresholds, sources) -> List[Row]:
+@dataclass
+class Search:
+    """Beam search settings shared by every row of a setting. ``fixed_length`` L forces every output
+    to L tokens plus EOS (min = max length), so that time per token compares like with like."""
+
+    beam: int
+    max_len_b: int
+    fixed_length: Optional[int] = None
+
+    def fairseq_kwargs(self) -> dict:
+        if self.fixed_length:
+            return {"beam_size": self.beam, "max_len_a": 0, "max_len_b": self.fixed_length,
+                    "min_len": self.fixed_length}
+        return {"beam_size": self.beam, "max_len_b": self.max_len_b}
+
+    def ct2_kwargs(self) -> dict:
+        if self.fixed_length:
+            return {"beam_size": self.beam, "max_decoding_length": self.fixed_length,
+                    "min_decoding_length": self.fixed_length}
+        return {"beam_size": self.beam, "max_decoding_length": self.max_len_b}
+
+
+def build_rows(ctx: Context, search: Search, args, est_thresholds, conf_thresholds, sources) -> List[Row]:
     tgt_dict, n = ctx.task.target_dictionary, ctx.dims.num_layers
-    rows: List[Row] = [FairseqRow("fairseq full", "fairseq", ctx.limits[n], tgt_dict, beam, args.max_len_b, n),
-                       AdaptiveRow("ours (no flags)", "ours", ctx.model, tgt_dict, beam, args.max_len_b),
-                       AdaptiveRow(f"ours fixed={n}", "ours", ctx.model, tgt_dict, beam, args.max_len_b,
-                                   fixed_exit=n)]
-    rows += [FairseqRow(f"limit k={k}", "limit", ctx.limits[k], tgt_dict, beam, args.max_len_b, k)
-             for k in range(1, n)]
+    rows: List[Row] = [FairseqRow("fairseq full", "fairseq", ctx.limits[n], tgt_dict, search, n),
+                       AdaptiveRow("ours (no flags)", "ours", ctx.model, tgt_dict, search),
+                       AdaptiveRow(f"ours fixed={n}", "ours", ctx.model, tgt_dict, search, fixed_exit=n)]
+    rows += [FairseqRow(f"limit k={k}", "limit", ctx.limits[k], tgt_dict, search, k) for k in range(1, n)]
     rule = getattr(ctx.model.decoder, "depth_estimator_name", "none")
-    rows += [AdaptiveRow(f"estimator T={t:g}", "estimator", ctx.model, tgt_dict, beam, args.max_len_b,
+    rows += [AdaptiveRow(f"estimator T={t:g}", "estimator", ctx.model, tgt_dict, search,
                          flops_rule=rule, exit_strategy="estimator", exit_threshold=str(t)) for t in est_thresholds]
-    rows += [AdaptiveRow(f"confidence T={t:g}", "confidence", ctx.model, tgt_dict, beam, args.max_len_b,
+    rows += [AdaptiveRow(f"confidence T={t:g}", "confidence", ctx.model, tgt_dict, search,
                          flops_rule="confidence", exit_strategy="confidence", exit_threshold=str(t))
              for t in conf_thresholds]
     if ctx.ct2 is not None:
@@ -524,7 +558,7 @@ def build_rows(ctx: Context, beam: int, args, est_thresholds, conf_thresholds, s
         for compute_type in ("float32", "int8"):
             translator = ctranslate2.Translator(model_dir, device="cpu", compute_type=compute_type,
                                                 inter_threads=1, intra_threads=args.threads)
-            rows.append(CT2Row(f"ct2 {compute_type}", translator, sources, tgt_dict, beam, args.max_len_b, n))
+            rows.append(CT2Row(f"ct2 {compute_type}", translator, sources, tgt_dict, search, n))
     return rows
 
 
@@ -549,19 +583,23 @@ def load_context(args, workdir: str) -> Context:
     return Context(model, saved_cfg.model, task, DecoderDims.of_model(model), limits, ct2)
 
 
-def check_reference_rows(summaries: List[Summary], rows: List[Row]):
-    """Row 1 (stock fairseq) and row 2 (ours, no flags) must decode the same tokens."""
-    a, b = rows[0].outputs, rows[1].outputs
-    same = sum(x.tokens == y.tokens for x, y in zip(a, b))
-    if same != len(a):
-        print(f"WARNING: ours (no flags) differs from fairseq on {len(a) - same}/{len(a)} sentences")
+def check_reference_rows(rows: List[Row]):
+    """Our full-depth rows must decode exactly fairseq's tokens; CTranslate2 float32 should."""
+    reference = {o.sample_id: o.tokens for o in rows[0].outputs}
+    for row in rows[1:]:
+        if row.kind == "ours" or row.name == "ct2 float32":
+            same = sum(reference[o.sample_id] == o.tokens for o in row.outputs)
+            if same != len(reference):
+                print(f"{'WARNING: ' if row.kind == 'ours' else ''}{row.name} differs from fairseq's output on "
+                      f"{len(reference) - same}/{len(reference)} sentences")
 
 
 def run_setting(ctx: Context, args, batch_size: int, beam: int, est_thresholds, conf_thresholds, sources,
                 referee) -> List[Summary]:
     limit = args.batch1_sentences if batch_size == 1 and args.batch1_sentences else args.max_sentences
     batches = load_batches(ctx.task, [ctx.model], args.subset, batch_size, limit)
-    rows = build_rows(ctx, beam, args, est_thresholds, conf_thresholds, sources)
+    rows = build_rows(ctx, Search(beam, args.max_len_b, args.fixed_length), args, est_thresholds, conf_thresholds,
+                      sources)
     nsent = sum(len(b["id"]) for b in batches)
     print(f"\n== beam {beam}, batch {batch_size}: {nsent} sentences in {len(batches)} batches, {len(rows)} rows "
           f"x {args.repeats} interleaved passes", flush=True)
@@ -574,7 +612,7 @@ def run_setting(ctx: Context, args, batch_size: int, beam: int, est_thresholds, 
     limit_tpt = {int(s.name.split("=")[1]): 1.0 / s.tokens_per_s for s in summaries if s.kind == "limit"}
     limit_tpt[n] = 1.0 / summaries[0].tokens_per_s
     add_speedups(summaries, limit_tpt)
-    check_reference_rows(summaries, rows)
+    check_reference_rows(rows)
     print(f"(measured in {time.perf_counter() - begin:.0f} s)")
     return summaries
 
@@ -591,6 +629,7 @@ def carried_thresholds(summaries: List[Summary], kind: str, tolerance: float) ->
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, force=True)  # keep fairseq's loading chatter out of the tables
+    warnings.filterwarnings("ignore", message=".*(pin_memory|weights_only).*")
     torch.set_num_threads(args.threads)
     machine = machine_description(args.threads)
     print(f"machine: {machine}")

@@ -52,15 +52,22 @@ generate_setting() {  # generate_setting STAGE SUBSET SETTING FLAGS...
     "$(grep -h -o 'BLEU4 = [0-9.]*' "$log")" "$(grep -h -o 'AE=[0-9.]*' "$log")"
 }
 
-eval_stage() {  # eval_stage STAGE SUBSET
+eval_stage() {  # eval_stage STAGE SUBSET   (EVAL_JOBS=k runs k settings at a time; default 1)
   local stage=$1 subset=$2
   [ -f "$RUN_DIR/$stage/${CHECKPOINT:-checkpoint_best.pt}" ] || { echo "error: $RUN_DIR/$stage/${CHECKPOINT:-checkpoint_best.pt} not found (train $stage first)" >&2; return 1; }
-  generate_setting "$stage" "$subset" full
+  local settings=("full|")
   case "$stage" in
     aligned|mixed-*)
-      for n in $(seq 1 "$NUM_EXITS"); do generate_setting "$stage" "$subset" "exit$n" --fixed-exit "$n"; done
-      for t in $CONF_THRESHOLDS; do generate_setting "$stage" "$subset" "conf$t" --exit-strategy confidence --exit-threshold "$t"; done ;;
+      for n in $(seq 1 "$NUM_EXITS"); do settings+=("exit$n|--fixed-exit $n"); done
+      for t in $CONF_THRESHOLDS; do settings+=("conf$t|--exit-strategy confidence --exit-threshold $t"); done ;;
     *-LL|*-C)
-      for t in $THRESHOLDS; do generate_setting "$stage" "$subset" "thr$t" --exit-threshold "$t"; done ;;
+      for t in $THRESHOLDS; do settings+=("thr$t|--exit-threshold $t"); done ;;
   esac
+  local item flags
+  for item in "${settings[@]}"; do
+    while [ "$(jobs -rp | wc -l)" -ge "${EVAL_JOBS:-1}" ]; do wait -n || true; done
+    read -r -a flags <<< "${item#*|}"
+    generate_setting "$stage" "$subset" "${item%%|*}" "${flags[@]}" &
+  done
+  wait
 }

@@ -10,6 +10,8 @@
 #   4. fairseq-generate on the test set at full depth and with --exit-threshold, printing BLEU,
 #      the average exit AE and detokenized sacreBLEU for each
 # Rerunning continues from the checkpoints in DEMO_DIR (default ../runs/demo).
+# DEMO_STAGE1_UPDATES / DEMO_STAGE2_UPDATES, when set, bound the stages by updates instead of time
+# (the same model whatever else the machine is doing).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 SHARED=${FAIRSEQ_DAT_SHARED:-$REPO/../shared}
@@ -19,6 +21,8 @@ DEMO_DIR=${DEMO_DIR:-$REPO/../runs/demo}
 STAGE1_HOURS=${DEMO_STAGE1_HOURS:-0.25}
 STAGE2_HOURS=${DEMO_STAGE2_HOURS:-0.06}
 THRESHOLDS=${DEMO_THRESHOLDS:-"0.5 0.8"}
+STAGE1_LIMIT=(--stop-time-hours "$STAGE1_HOURS")
+[ -n "${DEMO_STAGE1_UPDATES:-}" ] && STAGE1_LIMIT=(--max-update "$DEMO_STAGE1_UPDATES")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$DEMO_DIR"
 
@@ -34,15 +38,18 @@ TRAIN=(--user-dir "$REPO/fairseq_dat" --task adaptive_translation --cpu --seed 1
 
 echo "== stage 1: aligned multi-exit training (${STAGE1_HOURS} h) -> $DEMO_DIR/stage1"
 fairseq-train "$DATA_BIN" "${TRAIN[@]}" "${MODEL[@]}" --lr 2e-3 --warmup-updates 200 \
-  --save-dir "$DEMO_DIR/stage1" --stop-time-hours "$STAGE1_HOURS" 2>&1 | tee "$DEMO_DIR/stage1.log" \
+  --save-dir "$DEMO_DIR/stage1" "${STAGE1_LIMIT[@]}" 2>&1 | tee "$DEMO_DIR/stage1.log" \
   | grep --line-buffered -E "train_inner|valid on|done training" | awk '{ print substr($0, 1, 220); fflush() }'
 
+# fairseq carries the training time over from the stage-1 checkpoint: stage 2 stops at the sum
+STAGE2_LIMIT=(--stop-time-hours "$(python3 -c "print($STAGE1_HOURS + $STAGE2_HOURS)")")
+[ -n "${DEMO_STAGE2_UPDATES:-}" ] && STAGE2_LIMIT=(--max-update "$DEMO_STAGE2_UPDATES")  # counted from 0 again
 echo "== stage 2: token-geometric depth estimator, correctness oracle (${STAGE2_HOURS} h) -> $DEMO_DIR/stage2"
 STAGE2_RESUME=()
 [ -f "$DEMO_DIR/stage2/checkpoint_last.pt" ] || STAGE2_RESUME=(--finetune-from-model "$DEMO_DIR/stage1/checkpoint_best.pt")
 fairseq-train "$DATA_BIN" "${TRAIN[@]}" "${MODEL[@]}" --lr 5e-4 --warmup-updates 1 \
   --depth-estimator token-geometric --depth-oracle correctness --oracle-lambda 0.1 --oracle-sigma 0 \
-  --exit-loss-alpha 1.0 "${STAGE2_RESUME[@]}" --save-dir "$DEMO_DIR/stage2" --stop-time-hours "$STAGE2_HOURS" \
+  --exit-loss-alpha 1.0 "${STAGE2_RESUME[@]}" --save-dir "$DEMO_DIR/stage2" "${STAGE2_LIMIT[@]}" \
   2>&1 | tee "$DEMO_DIR/stage2.log" | grep --line-buffered -E "train_inner|valid on|done training" | awk '{ print substr($0, 1, 220); fflush() }'
 
 REF=$SHARED/data/multi30k-de-en/raw/test_2016_flickr.en.gz
@@ -50,6 +57,7 @@ generate() {  # generate NAME EXTRA_FLAGS...
   local name=$1; shift
   fairseq-generate "$DATA_BIN" --user-dir "$REPO/fairseq_dat" --task adaptive_translation \
     --path "$DEMO_DIR/stage2/checkpoint_best.pt" --gen-subset test --beam 5 --batch-size 64 --remove-bpe \
+    --max-len-a 1.2 --max-len-b 10 \
     --cpu "$@" > "$DEMO_DIR/generate-$name.log" 2>&1
   echo "-- $name: $(grep -h -E '^Generate test' "$DEMO_DIR/generate-$name.log" | sed 's/^Generate test with //')"
   echo "   $(grep -h -o 'AE=.*' "$DEMO_DIR/generate-$name.log")"

@@ -17,9 +17,15 @@ OPTIM=(--optimizer adam --adam-betas '(0.9,0.98)' --clip-norm 3.0 --lr 7e-4 --lr
        --warmup-updates 1000 --weight-decay 0.0001 --label-smoothing 0.1 --max-tokens 4096 --patience 6)
 LENGTH=(--max-epoch "${EPOCHS:-35}")
 STAGE2_LENGTH=(--max-epoch "${STAGE2_EPOCHS:-8}" --lr 2e-4 --warmup-updates 1)  # epochs count from 1 again after --finetune-from-model
-DEVICE=(--cpu); GEN_DEVICE=(--cpu); GEN=(); BEAM=5; NUM_EXITS=6
-THRESHOLDS=${THRESHOLDS:-"0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9"}
-CONF_THRESHOLDS=${CONF_THRESHOLDS:-"0.5 0.7 0.8 0.9 0.95"}
+# STOP_TIME_HOURS caps a stage by wall clock (fairseq's --stop-time-hours; stage 2 inherits stage 1's
+# training time, so give it the sum). DEVICE_FLAGS / GEN_DEVICE_FLAGS replace --cpu (e.g. "" on a GPU).
+if [ -n "${STOP_TIME_HOURS:-}" ]; then
+  LENGTH+=(--stop-time-hours "$STOP_TIME_HOURS"); STAGE2_LENGTH+=(--stop-time-hours "$STOP_TIME_HOURS")
+fi
+read -r -a DEVICE <<< "${DEVICE_FLAGS---cpu}"; read -r -a GEN_DEVICE <<< "${GEN_DEVICE_FLAGS---cpu}"
+GEN=(); BEAM=5; NUM_EXITS=6
+THRESHOLDS=${THRESHOLDS-"0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9"}
+CONF_THRESHOLDS=${CONF_THRESHOLDS-"0.5 0.7 0.8 0.9 0.95"}
 source "$REPO/examples/common/stages.sh"
 case "$ACTION" in
   train) train_stage "$STAGE" ;;
