@@ -58,7 +58,8 @@ from fairseq_dat.sequence_generator import AdaptiveSequenceGenerator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT_DIR = os.path.join(os.path.dirname(REPO), "runs", "benchmarks")
-REMOVE_BPE = "subword_nmt"  # fairseq-generate --remove-bpe (the default "@@ ")
+REMOVE_BPE = "subword_nmt"
+FIXED_TOO = ("fixed", "estimator", "confidence")  # fairseq-generate --remove-bpe (the default "@@ ")
 
 
 # ---- command line ---------------------------------------------------------------------------------
@@ -423,7 +424,7 @@ def add_speedups(summaries: List[Summary], limit_tpt: Dict[int, float]):
     base = summaries[0]
     for s in summaries:
         s.speedup = s.tokens_per_s / base.tokens_per_s
-        if s.kind in ("ours", "estimator", "confidence") and limit_tpt:
+        if s.kind in ("ours", "fixed", "estimator", "estimator-eager", "confidence") and limit_tpt:
             s.ideal = (1.0 / base.tokens_per_s) / interpolate(limit_tpt, s.ae)
             s.efficiency = s.speedup / s.ideal
             s.efficiency_cae = s.speedup * interpolate(limit_tpt, s.compute_ae) * base.tokens_per_s
@@ -467,11 +468,12 @@ def markdown_table(summaries: List[Summary]) -> str:
     return "\n".join(lines)
 
 
-def result_line(summaries: List[Summary], tolerance: float) -> str:
+def result_line(summaries: List[Summary], tolerance: float, kinds=("estimator", "confidence")) -> str:
+    """RESULT over the adaptive rows (``kinds``; add "fixed" to let --fixed-exit settings compete)."""
     base = summaries[0]
     ours = next(s for s in summaries if s.kind == "ours")
     overhead = base.tokens_per_s / ours.tokens_per_s  # time(row 2) / time(row 1) per token
-    best = best_adaptive(summaries, tolerance)
+    best = best_adaptive(summaries, tolerance, kinds)
     if best is None:
         return f"RESULT speedup=nan ideal=nan efficiency=nan bleu_delta=nan ae=nan overhead={overhead:.4f}"
     return (f"RESULT speedup={best.speedup:.4f} ideal={best.ideal:.4f} efficiency={best.efficiency:.4f} "
@@ -483,7 +485,8 @@ def write_plot(per_setting: Dict[str, List[Summary]], path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = {"fairseq": "s", "ours": "D", "limit": "o", "estimator": "^", "confidence": "v", "ct2": "x"}
+    markers = {"fairseq": "s", "ours": "D", "fixed": "P", "limit": "o", "estimator": "^", "confidence": "v",
+               "ct2": "x"}
     fig, axes = plt.subplots(1, len(per_setting), figsize=(6 * len(per_setting), 4.5), squeeze=False)
     for ax, (setting, summaries) in zip(axes[0], per_setting.items()):
         for kind, marker in markers.items():
@@ -547,7 +550,15 @@ def build_rows(ctx: Context, search: Search, args, est_thresholds, conf_threshol
                        AdaptiveRow("ours (no flags)", "ours", ctx.model, tgt_dict, search),
                        AdaptiveRow(f"ours fixed={n}", "ours", ctx.model, tgt_dict, search, fixed_exit=n)]
     rows += [FairseqRow(f"limit k={k}", "limit", ctx.limits[k], tgt_dict, search, k) for k in range(1, n)]
+    # the same exits through the exit-aware loop: efficiency at integer AE; eager = K/V of skipped blocks at once
+    rows += [AdaptiveRow(f"ours fixed={k}", "fixed", ctx.model, tgt_dict, search, fixed_exit=k) for k in range(1, n)]
+    rows.append(AdaptiveRow("ours fixed=1 eager K/V", "fixed", ctx.model, tgt_dict, search, fixed_exit=1,
+                            exit_kv="eager"))
     rule = getattr(ctx.model.decoder, "depth_estimator_name", "none")
+    if est_thresholds:
+        rows.append(AdaptiveRow(f"estimator T={est_thresholds[0]:g} eager K/V", "estimator-eager", ctx.model, tgt_dict,
+                                search, flops_rule=rule, exit_strategy="estimator",
+                                exit_threshold=str(est_thresholds[0]), exit_kv="eager"))
     rows += [AdaptiveRow(f"estimator T={t:g}", "estimator", ctx.model, tgt_dict, search,
                          flops_rule=rule, exit_strategy="estimator", exit_threshold=str(t)) for t in est_thresholds]
     rows += [AdaptiveRow(f"confidence T={t:g}", "confidence", ctx.model, tgt_dict, search,
@@ -654,6 +665,8 @@ def main(argv=None):
             per_setting[name] = summaries
             print(markdown_table(summaries))
             print(f"BEST {name}: {result_line(summaries, args.bleu_tolerance)[len('RESULT '):]}", flush=True)
+            print(f"BEST incl. fixed exits {name}: "
+                  f"{result_line(summaries, args.bleu_tolerance, FIXED_TOO)[len('RESULT '):]}", flush=True)
             if i == 0 and not args.full_sweep_everywhere:
                 est = carried_thresholds(summaries, "estimator", args.bleu_tolerance)
                 conf = carried_thresholds(summaries, "confidence", args.bleu_tolerance)
@@ -670,7 +683,8 @@ def write_reports(args, machine: str, per_setting: Dict[str, List[Summary]]):
                 f"{args.repeats} interleaved passes; speedup = tokens/s against row 1\n")
         for name, summaries in per_setting.items():
             f.write(f"\n## {name}\n\n{markdown_table(summaries)}\n\n"
-                    f"{result_line(summaries, args.bleu_tolerance)}\n")
+                    f"{result_line(summaries, args.bleu_tolerance)}\n\n"
+                    f"with --fixed-exit rows: {result_line(summaries, args.bleu_tolerance, FIXED_TOO)}\n")
     write_plot(per_setting, png_path)
     print(f"\nwrote {md_path} and {png_path}")
 

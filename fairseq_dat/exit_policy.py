@@ -27,6 +27,7 @@ from .errors import ConfigError
 from .modules.depth_estimators import decide_by_cumulative, single_threshold, thresholds_from_arg
 
 STRATEGIES = ("auto", "full", "fixed", "estimator", "confidence")
+KV_MODES = ("deferred", "eager")  # keys/values of the blocks every row skipped: when needed, or at once
 
 
 class ExitStats:
@@ -69,11 +70,15 @@ class ExitPolicy:
     """Base: no early exit. Subclasses override ``halt`` and/or ``plan_step``."""
 
     gather_ratio = 0.5
+    kv_mode = "deferred"
 
-    def __init__(self, stats: Optional[ExitStats] = None, gather_ratio: Optional[float] = None):
+    def __init__(self, stats: Optional[ExitStats] = None, gather_ratio: Optional[float] = None,
+                 kv_mode: Optional[str] = None):
         self.stats = stats
         if gather_ratio is not None:
             self.gather_ratio = gather_ratio
+        if kv_mode is not None:
+            self.kv_mode = kv_mode
 
     def plan_step(self, decoder, encoder_out, incremental_state, prev_output_tokens) -> dict:
         return {}
@@ -182,8 +187,8 @@ class ConfidencePolicy(ExitPolicy):
 
 
 def build_exit_policy(decoder, strategy: str = "auto", threshold=None, fixed_exit: Optional[int] = None,
-                      stats: Optional[ExitStats] = None, gather_ratio: Optional[float] = None
-                      ) -> Optional[ExitPolicy]:
+                      stats: Optional[ExitStats] = None, gather_ratio: Optional[float] = None,
+                      kv_mode: Optional[str] = None) -> Optional[ExitPolicy]:
     """The policy for the generation flags, or None for plain full-depth decoding (fairseq's own
     decoder path). Raises ConfigError naming the flag on any setting the model cannot serve."""
     if not hasattr(decoder, "exit_logits"):
@@ -191,18 +196,20 @@ def build_exit_policy(decoder, strategy: str = "auto", threshold=None, fixed_exi
                           f"adaptive_transformer; this one has a {type(decoder).__name__}")
     if gather_ratio is not None and not 0.0 <= gather_ratio <= 1.0:
         raise ConfigError(f"--exit-gather-ratio must be in [0, 1], got {gather_ratio}")
+    if kv_mode is not None and kv_mode not in KV_MODES:
+        raise ConfigError(f"--exit-kv must be one of {', '.join(KV_MODES)}, got {kv_mode!r}")
     try:
-        return _policy_for_flags(decoder, strategy, threshold, fixed_exit, stats, gather_ratio)
+        return _policy_for_flags(decoder, strategy, threshold, fixed_exit, stats, gather_ratio, kv_mode)
     except ConfigError:
         raise
     except ValueError as err:  # threshold parsing: the message already names --exit-threshold
         raise ConfigError(str(err)) from None
 
 
-def _policy_for_flags(decoder, strategy, threshold, fixed_exit, stats, gather_ratio):
+def _policy_for_flags(decoder, strategy, threshold, fixed_exit, stats, gather_ratio, kv_mode):
     n_exits = decoder.num_layers
     estimator = decoder.depth_estimator
-    kwargs = {"stats": stats, "gather_ratio": gather_ratio}
+    kwargs = {"stats": stats, "gather_ratio": gather_ratio, "kv_mode": kv_mode}
     if strategy not in STRATEGIES:
         raise ConfigError(f"--exit-strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if fixed_exit is not None and strategy not in ("auto", "fixed"):

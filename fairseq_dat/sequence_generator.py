@@ -41,7 +41,8 @@ class AdaptiveEnsembleModel(EnsembleModel):
 
 class AdaptiveSequenceGenerator(SequenceGenerator):
     def __init__(self, models, tgt_dict, exit_strategy: str = "auto", exit_threshold=None,
-                 fixed_exit: Optional[int] = None, exit_gather_ratio: Optional[float] = None, **kwargs):
+                 fixed_exit: Optional[int] = None, exit_gather_ratio: Optional[float] = None,
+                 exit_kv: Optional[str] = None, **kwargs):
         super().__init__(AdaptiveEnsembleModel(models), tgt_dict, **kwargs)
         decoder = self.model.single_model.decoder
         self.num_exits = decoder.num_layers
@@ -49,7 +50,7 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
         self.model.stats = self.stats
         # built (and validated) once, before any decoding
         self.policy = build_exit_policy(decoder, exit_strategy, exit_threshold, fixed_exit, self.stats,
-                                        exit_gather_ratio)
+                                        exit_gather_ratio, exit_kv)
 
     def _generate(self, sample: Dict[str, Dict[str, Tensor]], prefix_tokens: Optional[Tensor] = None,
                   constraints: Optional[Tensor] = None, bos_token: Optional[int] = None):

@@ -5,7 +5,7 @@ import torch
 from fairseq.sequence_generator import SequenceGenerator
 
 from fairseq_dat.errors import ConfigError
-from fairseq_dat.exit_policy import ExitStats, build_exit_policy
+from fairseq_dat.exit_policy import ExitStats, PlannedDepth, build_exit_policy
 from fairseq_dat.sequence_generator import AdaptiveSequenceGenerator
 from helpers import random_batch, tiny_model
 
@@ -65,10 +65,12 @@ def test_full_depth_exact_with_prefix_tokens_and_batch_one(model_and_dict):
                            AdaptiveSequenceGenerator([model], d, beam_size=4, fixed_exit=3).generate([model], one))
 
 
+@pytest.mark.parametrize("kv_mode", ["deferred", "eager"])
 @pytest.mark.parametrize("gather_ratio", [0.0, 0.5, 1.0])
-def test_incremental_equals_teacher_forced_at_every_exit_pattern(model_and_dict, gather_ratio):
+def test_incremental_equals_teacher_forced_at_every_exit_pattern(model_and_dict, gather_ratio, kv_mode):
     """Step-by-step decoding with given exits = one teacher-forced pass with the same exits and the
-    copy rule, at every block; gather_ratio 0 forces the masked path, 1 the gathered sub-batch."""
+    copy rule, at every block; gather_ratio 0 forces the masked path, 1 the gathered sub-batch;
+    deferred keys/values, once materialized, equal the eager ones and the full pass's."""
     model, d = model_and_dict
     dec = model.decoder
     net_input, target = random_batch(d, bsz=6, tgt_len=7, seed=1)
@@ -84,12 +86,13 @@ def test_incremental_equals_teacher_forced_at_every_exit_pattern(model_and_dict,
             state, steps = {}, []
             for t in range(prev.size(1)):
                 out, extra = dec.forward_incremental_with_exits(prev[:, : t + 1], enc, state, exits,
-                                                                gather_ratio=gather_ratio)
+                                                                gather_ratio=gather_ratio, kv_mode=kv_mode)
                 assert torch.equal(extra["exits"], exits[:, t])
                 steps.append(out)
             real = prev.ne(d.pad())  # outputs at padded inputs are never used
             torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-4, atol=1e-5)
             # every block's cached keys equal the keys the teacher-forced pass computes from its input
+            dec.materialize_all_pending_kv(state)
             for n, layer in enumerate(dec.layers):
                 block_input = states[n - 1] if n > 0 else dec.embed_target(prev)[0]
                 keys = layer.self_attn.k_proj(block_input)  # T x B x C
@@ -159,6 +162,25 @@ def test_blocks_run_only_for_rows_that_have_not_exited(model_and_dict):
     assert counters[1].rows == [8] + [2] * 4 and counters[2].rows == [8] + [2] * 4
 
 
+def test_deferred_keys_values_skip_blocks_no_row_reaches(model_and_dict):
+    """Deferred copy rule: while every row exits at block 1, blocks 2..N hold no cache at all; the
+    first step a row runs block 3, the pending positions get their keys/values in one projection."""
+    model, d = model_and_dict
+    dec = model.decoder
+    net_input, target = random_batch(d, bsz=4, tgt_len=6, seed=3)
+    enc = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+    exits = torch.ones(target.shape, dtype=torch.long)
+    exits[1, 4] = 3  # one row runs block 3 at step 5
+    state = {}
+    with torch.no_grad():
+        for t in range(target.size(1)):
+            dec.forward_incremental_with_exits(net_input["prev_output_tokens"][:, : t + 1], enc, state, exits,
+                                               kv_mode="deferred")
+            lengths = [len(layer.self_attn._get_input_buffer(state).get("prev_key", ())) and
+                       layer.self_attn._get_input_buffer(state)["prev_key"].size(2) for layer in dec.layers]
+            assert lengths == ([t + 1, 0, 0] if t < 4 else [t + 1, 5, 5]), (t, lengths)
+
+
 def test_no_row_runs_a_block_when_all_exit_early(model_and_dict):
     model, d = model_and_dict
     dec = model.decoder
@@ -173,6 +195,51 @@ def test_no_row_runs_a_block_when_all_exit_early(model_and_dict):
     assert counters[1].rows == [] and counters[2].rows == []
     assert gen.stats.average_exit == 1.0
     assert all(h["exits"].eq(1).all() for sent in hypos for h in sent)
+
+
+def test_deferred_and_eager_keys_values_decode_identically(model_and_dict):
+    """Deferring the skipped blocks' keys/values (and their beam reorderings) changes no hypothesis,
+    score or exit against computing them at every step."""
+    model, d = model_and_dict
+    sample = make_sample(d)
+    runs = [AdaptiveSequenceGenerator([model], d, beam_size=4, max_len_b=10, exit_strategy="confidence",
+                                      exit_threshold="0.3", exit_kv=mode).generate([model], sample)
+            for mode in ("deferred", "eager")]
+    for a, b in zip(*runs):  # scores within float tolerance: one projection over P positions vs P
+        for x, y in zip(a, b):
+            assert torch.equal(x["tokens"], y["tokens"]) and torch.equal(x["exits"], y["exits"])
+            torch.testing.assert_close(x["positional_scores"], y["positional_scores"], rtol=1e-5, atol=1e-5)
+    exits = torch.cat([h["exits"] for sent in runs[0] for h in sent])
+    assert exits.min() < exits.max()  # a real mix of exits, so blocks were skipped and caught up
+
+
+class DepthPerStep(PlannedDepth):
+    """Every row exits at ``depths[step]`` (the last value repeats)."""
+
+    def __init__(self, depths, **kwargs):
+        super().__init__(**kwargs)
+        self.depths = depths
+
+    def plan_step(self, decoder, encoder_out, incremental_state, prev_output_tokens):
+        depth = self.depths[min(prev_output_tokens.size(1) - 1, len(self.depths) - 1)]
+        return {"depth": torch.full((prev_output_tokens.size(0),), depth, dtype=torch.long)}
+
+
+def test_blocks_skipped_for_several_steps_catch_up_with_the_beam(model_and_dict):
+    """Blocks 2-3 hold a cache after step 2, are skipped by every row for three steps of beam
+    reordering, then run again: their caches must follow the composed reorderings exactly as if
+    they had been reordered (and fed the copied keys/values) at every step."""
+    model, d = model_and_dict
+    sample = make_sample(d)
+    runs = []
+    for mode in ("deferred", "eager"):
+        gen = AdaptiveSequenceGenerator([model], d, beam_size=4, max_len_b=10, min_len=8, fixed_exit=1)
+        gen.policy = DepthPerStep([3, 3, 1, 1, 1, 3], kv_mode=mode, stats=gen.stats)
+        runs.append(gen.generate([model], sample))
+    for a, b in zip(*runs):
+        for x, y in zip(a, b):
+            assert torch.equal(x["tokens"], y["tokens"])
+            torch.testing.assert_close(x["positional_scores"], y["positional_scores"], rtol=1e-5, atol=1e-5)
 
 
 def test_average_exit_accounting(model_and_dict):
@@ -199,7 +266,7 @@ def test_exit_stats_histograms():
     ({"exit_threshold": "nan"}, "--exit-threshold"), ({"exit_threshold": "1.5"}, "--exit-threshold"),
     ({"exit_threshold": "-0.1"}, "--exit-threshold"), ({"exit_threshold": "0.1,0.2,0.3"}, "--exit-threshold"),
     ({"exit_strategy": "bogus"}, "--exit-strategy"), ({"exit_strategy": "confidence"}, "--exit-threshold"),
-    ({"exit_strategy": "fixed"}, "--fixed-exit"), ({"exit_gather_ratio": 2.0}, "--exit-gather-ratio"),
+    ({"exit_strategy": "fixed"}, "--fixed-exit"), ({"exit_gather_ratio": 2.0}, "--exit-gather-ratio"), ({"exit_kv": "lazy"}, "--exit-kv"),
 ])
 def test_bad_generation_flags_fail_before_decoding(model_and_dict, kwargs, flag):
     model, d = model_and_dict

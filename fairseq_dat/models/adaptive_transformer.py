@@ -309,17 +309,22 @@ class AdaptiveTransformerDecoder(TransformerDecoderBase):
     # ---- incremental decoding with exits (the generator's path) ------------------------------
 
     def forward_incremental_with_exits(self, prev_output_tokens, encoder_out, incremental_state, exits=None,
-                                       gather_ratio: Optional[float] = None):
+                                       gather_ratio: Optional[float] = None, kv_mode: Optional[str] = None):
         """One decoding step where each row (beam hypothesis) stops at its own block.
 
         Rows that exited are not computed by deeper blocks; each deeper block only receives the
-        keys/values of their copied state (FS = 4 d² per skipped block, App. B). The block-n exit of
-        each row is decided by ``self.exit_policy`` (or taken from ``exits``, B x T or B, for tests).
-        Returns (B x 1 x V logits, extra) with ``extra["exits"]`` the step's exits (B,).
+        keys/values of their copied state (FS = 4 d² per skipped block, App. B). Blocks that no row
+        reaches at this step are not touched at all with ``kv_mode="deferred"`` (the default): their
+        keys/values for this position are computed from the copied state only when a later token
+        runs the block (:meth:`materialize_pending_kv`), or never. ``"eager"`` appends them at once.
+        The block-n exit of each row is decided by ``self.exit_policy`` (or taken from ``exits``,
+        B x T or B, for tests). Returns (B x 1 x V logits, extra) with ``extra["exits"]`` (B,).
         """
         from ..exit_policy import ForcedExits  # local: the policy module imports this one
 
-        policy = self.exit_policy if exits is None else ForcedExits(exits, gather_ratio=gather_ratio)
+        policy = (self.exit_policy if exits is None
+                  else ForcedExits(exits, gather_ratio=gather_ratio, kv_mode=kv_mode))
+        deferred = policy.kv_mode == "deferred"
         enc, enc_mask = _encoder_tensors(encoder_out)
         x, pad_mask = self.embed_target(prev_output_tokens, incremental_state)
         bsz, n_layers = x.size(1), self.num_layers
@@ -329,8 +334,14 @@ class AdaptiveTransformerDecoder(TransformerDecoderBase):
         attn = None
         plan = policy.plan_step(self, encoder_out, incremental_state, prev_output_tokens)
         for n, layer in enumerate(self.layers, start=1):
-            x, attn = self.run_block_for_rows(layer, n, x, active, enc, enc_mask, incremental_state, pad_mask,
-                                              policy.gather_ratio)
+            if deferred and active.numel() == 0:
+                break  # blocks n..N: keys/values from the copied state when a later token needs them
+            if deferred:
+                self.catch_up_block(n - 1, layer, incremental_state)
+            x, block_attn = self.run_block_for_rows(layer, n, x, active, enc, enc_mask, incremental_state,
+                                                    pad_mask, policy.gather_ratio)
+            if n == n_layers:  # fairseq's alignment: the last block's source attention (None if skipped)
+                attn = block_attn
             if n == n_layers or active.numel() == 0:
                 continue
             stop, logits = policy.halt(self, n, x[0].index_select(0, active) if active.numel() < bsz else x[0],
@@ -342,7 +353,7 @@ class AdaptiveTransformerDecoder(TransformerDecoderBase):
                     ready_logits[n] = (rows, logits[stop])
                 active = active[~stop]
         out = self.step_logits(x[0], step_exits, ready_logits)
-        self.record_step_exits(incremental_state, step_exits)
+        self.record_step_exits(incremental_state, step_exits, x[0] if deferred else None)
         policy.count(step_exits)
         return out.unsqueeze(1), {"attn": [attn], "inner_states": None, "exits": step_exits}
 
@@ -389,34 +400,78 @@ class AdaptiveTransformerDecoder(TransformerDecoderBase):
         out, _, _ = layer(x.index_select(1, active), enc, enc_mask, sub_state, self_attn_padding_mask=sub_pad)
         # every row's new keys/values come from its block input (the copy, for exited rows), which is
         # also what the layer projected for the active ones: one batched projection serves all rows
-        new_k, new_v = self.copied_kv(layer, x)  # B x H x 1 x d, 4 d² per row
+        new_k, new_v = self.copied_kv(layer, x.transpose(0, 1))  # B x H x 1 x d, 4 d² per row
         self.append_kv(layer, incremental_state, self_buf, new_k, new_v)
         x = x.clone()
         x[:, active] = out
         return x
 
-    def copied_kv(self, layer, x):
-        """Keys/values of block ``layer`` for the states x (1 x B x C) — what the block's
-        self-attention would have cached for them; mirrors MultiheadAttention's projections."""
+    def copied_kv(self, layer, h):
+        """Keys/values of block ``layer`` for the states h (B x P x C) — what the block's
+        self-attention would have cached for them (B x H x P x d); mirrors MultiheadAttention."""
         attn = layer.self_attn
-        h = layer.self_attn_layer_norm(x) if layer.normalize_before else x
-        bsz = x.size(1)
-        k = attn.k_proj(h).view(bsz, attn.num_heads, 1, attn.head_dim)
-        v = attn.v_proj(h).view(bsz, attn.num_heads, 1, attn.head_dim)
+        if layer.normalize_before:
+            h = layer.self_attn_layer_norm(h)
+        bsz, steps = h.shape[:2]
+        k = attn.k_proj(h).reshape(bsz, steps, attn.num_heads, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).reshape(bsz, steps, attn.num_heads, attn.head_dim).transpose(1, 2)
         return k, v
 
     def append_copied_kv(self, layer, x, incremental_state):
-        k, v = self.copied_kv(layer, x)
+        k, v = self.copied_kv(layer, x.transpose(0, 1))
         self.append_kv(layer, incremental_state, layer.self_attn._get_input_buffer(incremental_state), k, v)
+
+    def catch_up_block(self, index: int, layer, incremental_state):
+        """Before block ``index`` runs in deferred mode: the beam reorderings it missed (composed into
+        one), then the keys/values of the positions every row skipped it at."""
+        pending = self.get_incremental_state(incremental_state, "pending_order")
+        if pending is not None and pending.get(str(index)) is not None:
+            layer.self_attn.reorder_incremental_state(incremental_state, pending[str(index)])
+            pending[str(index)] = None
+            self.set_incremental_state(incremental_state, "pending_order", pending)
+        self.materialize_pending_kv(layer, incremental_state)
+
+    def reorder_incremental_state_scripting(self, incremental_state, new_order):
+        """fairseq's beam reordering, except with deferred keys/values: each block's self-attention
+        cache is reordered when the block next runs (the composed order, one index_select), so the
+        caches of blocks no row reaches cost nothing per step."""
+        policy = getattr(self, "exit_policy", None)
+        if policy is None or policy.kv_mode != "deferred":
+            return super().reorder_incremental_state_scripting(incremental_state, new_order)
+        pending = dict(self.get_incremental_state(incremental_state, "pending_order") or {})
+        for i, layer in enumerate(self.layers):
+            key = str(i)
+            if pending.get(key) is not None:
+                pending[key] = pending[key].index_select(0, new_order)
+            elif "prev_key" in layer.self_attn._get_input_buffer(incremental_state):
+                pending[key] = new_order
+            if layer.encoder_attn is not None:
+                layer.encoder_attn.reorder_incremental_state(incremental_state, new_order)
+        self.set_incremental_state(incremental_state, "pending_order", pending)
+        self.reorder_incremental_state(incremental_state, new_order)
+
+    def materialize_pending_kv(self, layer, incremental_state):
+        """Deferred copy rule: the positions this block was skipped at by every row get their keys/
+        values now, in one projection of the recorded exit states (their block input, §2)."""
+        states = self.state_history(incremental_state)
+        if states is None:
+            return
+        buf = layer.self_attn._get_input_buffer(incremental_state)
+        done = buf["prev_key"].size(2) if "prev_key" in buf else 0
+        if done < states.size(1):
+            k, v = self.copied_kv(layer, states[:, done:])
+            self.append_kv(layer, incremental_state, buf, k, v)
 
     @staticmethod
     def append_kv(layer, incremental_state, buf, k, v):
         if "prev_key" in buf:
             k = torch.cat([buf["prev_key"], k], dim=2)
             v = torch.cat([buf["prev_value"], v], dim=2)
+        else:  # fairseq views the cache as (B*H) x T x d
+            k, v = k.contiguous(), v.contiguous()
         pad = buf.get("prev_key_padding_mask")
-        if pad is not None:  # the new position is never padding
-            pad = torch.cat([pad, pad.new_zeros(pad.size(0), 1)], dim=1)
+        if pad is not None:  # the new positions are never padding
+            pad = torch.cat([pad, pad.new_zeros(pad.size(0), k.size(2))], dim=1)
         new_buf = {"prev_key": k, "prev_value": v, "prev_key_padding_mask": pad}
         layer.self_attn._set_input_buffer(incremental_state, new_buf)
 
@@ -436,20 +491,29 @@ class AdaptiveTransformerDecoder(TransformerDecoderBase):
             out[rest] = self.logits_at_exits(h.index_select(0, rest), step_exits[rest]).to(out.dtype)
         return out
 
-    def record_step_exits(self, incremental_state, step_exits):
+    def record_step_exits(self, incremental_state, step_exits, final_states: Optional[Tensor] = None):
         """Appends this step's exits to the exit history (B x steps) kept in the incremental state,
-        so beam reordering carries it with the hypotheses."""
-        buf = self.get_incremental_state(incremental_state, "exits")
-        history = step_exits.unsqueeze(1)
-        if buf is not None and buf.get("history") is not None:
-            history = torch.cat([buf["history"], history], dim=1)
-        buf = dict(buf or {})
-        buf["history"] = history
+        and with deferred keys/values its final states (B x steps x C: each row's exit state, the
+        input of every block it skipped), so beam reordering carries both with the hypotheses."""
+        buf = dict(self.get_incremental_state(incremental_state, "exits") or {})
+        for key, new in (("history", step_exits.unsqueeze(1)),
+                         ("states", final_states.unsqueeze(1) if final_states is not None else None)):
+            if new is not None:
+                buf[key] = new if buf.get(key) is None else torch.cat([buf[key], new], dim=1)
         self.set_incremental_state(incremental_state, "exits", buf)
 
     def exit_history(self, incremental_state) -> Optional[Tensor]:
         buf = self.get_incremental_state(incremental_state, "exits")
         return None if buf is None else buf.get("history")
+
+    def state_history(self, incremental_state) -> Optional[Tensor]:
+        buf = self.get_incremental_state(incremental_state, "exits")
+        return None if buf is None else buf.get("states")
+
+    def materialize_all_pending_kv(self, incremental_state):
+        """Every block's cache complete and in beam order (tests compare it with a full pass)."""
+        for i, layer in enumerate(self.layers):
+            self.catch_up_block(i, layer, incremental_state)
 
     def reorder_incremental_state(self, incremental_state, new_order):
         """Exit history and per-row planned depths follow the beam, like the K/V caches."""

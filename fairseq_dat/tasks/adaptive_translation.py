@@ -42,6 +42,11 @@ class AdaptiveTranslationConfig(TranslationConfig):
     exit_gather_ratio: float = field(default=0.5, metadata={
         "help": "when fewer than this fraction of the beam rows still run a block, the block runs on a "
                 "gathered sub-batch; otherwise on all rows with the exited rows' outputs discarded"})
+    exit_kv: str = field(default="deferred", metadata={
+        "help": "keys/values of a block that every beam row skipped at a step (copy rule, paper section 2): "
+                "deferred = computed from the copied states only when a later token runs that block "
+                "(one projection for all pending positions, never for blocks no later token reaches); "
+                "eager = appended at every step"})
 
 
 @register_task("adaptive_translation", dataclass=AdaptiveTranslationConfig)
@@ -116,7 +121,8 @@ class AdaptiveTranslationTask(TranslationTask):
         threshold = pick("exit_threshold")
         return {"exit_strategy": pick("exit_strategy") or "auto",
                 "exit_threshold": str(threshold) if threshold is not None else None,
-                "fixed_exit": pick("fixed_exit"), "exit_gather_ratio": pick("exit_gather_ratio")}
+                "fixed_exit": pick("fixed_exit"), "exit_gather_ratio": pick("exit_gather_ratio"),
+                "exit_kv": pick("exit_kv")}
 
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
         hypos = super().inference_step(generator, models, sample, prefix_tokens=prefix_tokens,
