@@ -17,6 +17,8 @@ $CAT "$REF" > "$TMP/ref"
 if [ "$(wc -l < "$TMP/hyp.tok")" -ne "$(wc -l < "$TMP/ref")" ]; then
   echo "error: $LOG has $(wc -l < "$TMP/hyp.tok") hypotheses, $REF has $(wc -l < "$TMP/ref") lines" >&2; exit 1
 fi
-sacremoses -l "$LANG_" -j 2 detokenize < "$TMP/hyp.tok" > "$TMP/hyp.detok"
+# sacremoses draws a progress bar on stderr: keep it out of the output, show it only on failure
+sacremoses -l "$LANG_" -j 2 detokenize < "$TMP/hyp.tok" > "$TMP/hyp.detok" 2> "$TMP/moses.err" \
+  || { cat "$TMP/moses.err" >&2; exit 1; }
 sacrebleu "$TMP/ref" -i "$TMP/hyp.detok" -lc -m bleu -b -w 2 | sed 's/^/sacreBLEU(detok,lc) = /'
 sacrebleu "$TMP/ref" -i "$TMP/hyp.detok" -lc -m bleu 2>/dev/null | grep -o '"verbose_score".*\|nrefs.*' | head -1 | sed 's/^/signature: /' || true

@@ -21,8 +21,10 @@ DEMO_DIR=${DEMO_DIR:-$REPO/../runs/demo}
 STAGE1_HOURS=${DEMO_STAGE1_HOURS:-0.25}
 STAGE2_HOURS=${DEMO_STAGE2_HOURS:-0.06}
 THRESHOLDS=${DEMO_THRESHOLDS:-"0.5 0.8"}
-STAGE1_LIMIT=(--stop-time-hours "$STAGE1_HOURS")
-[ -n "${DEMO_STAGE1_UPDATES:-}" ] && STAGE1_LIMIT=(--max-update "$DEMO_STAGE1_UPDATES")
+STAGE1_LIMIT=(--stop-time-hours "$STAGE1_HOURS"); STAGE1_DESC="$STAGE1_HOURS h"
+if [ -n "${DEMO_STAGE1_UPDATES:-}" ]; then
+  STAGE1_LIMIT=(--max-update "$DEMO_STAGE1_UPDATES"); STAGE1_DESC="$DEMO_STAGE1_UPDATES updates"
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$DEMO_DIR"
 
@@ -36,15 +38,18 @@ TRAIN=(--user-dir "$REPO/fairseq_dat" --task adaptive_translation --cpu --seed 1
        --weight-decay 0.0001 --label-smoothing 0.1 --max-tokens 2048 --criterion adaptive_label_smoothed_cross_entropy
        --no-epoch-checkpoints --validate-interval-updates 250 --save-interval-updates 250 --keep-interval-updates 1)
 
-echo "== stage 1: aligned multi-exit training (${STAGE1_HOURS} h) -> $DEMO_DIR/stage1"
+echo "== stage 1: aligned multi-exit training ($STAGE1_DESC) -> $DEMO_DIR/stage1"
 fairseq-train "$DATA_BIN" "${TRAIN[@]}" "${MODEL[@]}" --lr 2e-3 --warmup-updates 200 \
   --save-dir "$DEMO_DIR/stage1" "${STAGE1_LIMIT[@]}" 2>&1 | tee "$DEMO_DIR/stage1.log" \
   | grep --line-buffered -E "train_inner|valid on|done training" | awk '{ print substr($0, 1, 220); fflush() }'
 
 # fairseq carries the training time over from the stage-1 checkpoint: stage 2 stops at the sum
 STAGE2_LIMIT=(--stop-time-hours "$(python3 -c "print($STAGE1_HOURS + $STAGE2_HOURS)")")
-[ -n "${DEMO_STAGE2_UPDATES:-}" ] && STAGE2_LIMIT=(--max-update "$DEMO_STAGE2_UPDATES")  # counted from 0 again
-echo "== stage 2: token-geometric depth estimator, correctness oracle (${STAGE2_HOURS} h) -> $DEMO_DIR/stage2"
+STAGE2_DESC="$STAGE2_HOURS h"
+if [ -n "${DEMO_STAGE2_UPDATES:-}" ]; then  # counted from 0 again
+  STAGE2_LIMIT=(--max-update "$DEMO_STAGE2_UPDATES"); STAGE2_DESC="$DEMO_STAGE2_UPDATES updates"
+fi
+echo "== stage 2: token-geometric depth estimator, correctness oracle ($STAGE2_DESC) -> $DEMO_DIR/stage2"
 STAGE2_RESUME=()
 [ -f "$DEMO_DIR/stage2/checkpoint_last.pt" ] || STAGE2_RESUME=(--finetune-from-model "$DEMO_DIR/stage1/checkpoint_best.pt")
 fairseq-train "$DATA_BIN" "${TRAIN[@]}" "${MODEL[@]}" --lr 5e-4 --warmup-updates 1 \
