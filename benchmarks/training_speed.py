@@ -36,6 +36,7 @@ from fairseq import options, tasks, utils
 from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
 
 from fairseq_dat.criterions.adaptive_label_smoothed_cross_entropy import AdaptiveLabelSmoothedCrossEntropyCriterion
+from fairseq_dat.modules.fused_exit_loss import fused_exit_loss
 
 DEFAULT_ARCH = "adaptive_transformer_iwslt_de_en"
 # the reduced reproduction's shape: 6+6 blocks, width 256 (encoder and decoder), FFN 1024, 4 heads
@@ -174,75 +175,16 @@ class CrossEntropyAligned(AdaptiveLabelSmoothedCrossEntropyCriterion):
         return loss, nll_loss, {}
 
 
-class LinearLabelSmoothedCE(torch.autograd.Function):
-    """loss = Σ_rows label-smoothed CE(h W^T, target), with the gradients w.r.t. h and W computed
-    during the forward pass, ``chunk`` rows at a time, so no rows x V tensor outlives its chunk
-    (the idea of "fused linear cross-entropy" kernels). Same three matmuls as autograd; the softmax,
-    its gradient and the loss run on a cache-sized block instead of several passes over BT x V."""
-
-    @staticmethod
-    def forward(ctx, h, weight, target, eps: float, pad: int, chunk: int):
-        vocab = weight.size(0)
-        smooth = eps * vocab / (vocab - 1)  # torch-style ε', see label_smoothed_loss_from_logits
-        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight)
-        loss, nll = h.new_zeros(()), h.new_zeros(())
-        for begin in range(0, h.size(0), chunk):
-            hc, tc = h[begin:begin + chunk], target[begin:begin + chunk]
-            z = hc @ weight.t()  # c x V
-            keep = tc.ne(pad).to(z.dtype)
-            lse = torch.logsumexp(z, dim=-1)
-            row_nll = lse - z.gather(1, tc[:, None]).squeeze(1)
-            row_smooth = lse - z.mean(dim=-1)
-            loss += (((1 - smooth) * row_nll + smooth * row_smooth) * keep).sum()
-            nll += (row_nll * keep).sum()
-            g = z.sub_(lse[:, None]).exp_().sub_(smooth / vocab)  # dloss/dz = p − (1−ε')·onehot − ε'/V
-            g.scatter_add_(1, tc[:, None], g.new_full((tc.numel(), 1), -(1 - smooth)))
-            g.mul_(keep[:, None])
-            torch.mm(g, weight, out=grad_h[begin:begin + chunk])
-            grad_w.addmm_(g.t(), hc)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.mark_non_differentiable(nll)
-        return loss, nll
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_nll):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None
-
-
-class FusedLinearCEAligned(AdaptiveLabelSmoothedCrossEntropyCriterion):
-    """Aligned training with each exit's projection and loss fused (``LinearLabelSmoothedCE``).
-    Only without a depth estimator (the oracle needs the log-probabilities) and bias-free heads."""
-
-    chunk = 256
-
-    def aligned_loss(self, model, sample, target, weights):
-        decoder, net_input = model.decoder, sample["net_input"]
-        encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
-        _, extra = decoder(net_input["prev_output_tokens"], encoder_out=encoder_out, features_only=True)
-        total_w = sum(weights)
-        loss = nll_loss = 0.0
-        for n, (state, w) in enumerate(zip(extra["exit_states"], weights), start=1):
-            feats = decoder.exit_features(state, n)
-            feats = feats.reshape(-1, feats.size(-1))
-            head = decoder.exit_projection(n)
-            assert head.bias is None, "fused heads assume bias-free classifiers, as fairseq's"
-            loss_n, nll_n = LinearLabelSmoothedCE.apply(feats, head.weight, target.reshape(-1), self.eps,
-                                                        self.padding_idx, self.chunk)
-            loss = loss + (w / total_w) * loss_n
-            nll_loss = nll_loss + (w / total_w) * nll_n
-        return loss, nll_loss, {}
-
-
 def criteria(task, mixed_samples: List[int], experiments: bool) -> Dict[str, object]:
     out = {"single exit": LabelSmoothedCrossEntropyCriterion(task, False, LABEL_SMOOTHING),
-           "aligned": AdaptiveLabelSmoothedCrossEntropyCriterion(task, False, LABEL_SMOOTHING)}
+           "aligned": AdaptiveLabelSmoothedCrossEntropyCriterion(task, False, LABEL_SMOOTHING),
+           "aligned, --exit-loss-impl autograd": AdaptiveLabelSmoothedCrossEntropyCriterion(
+               task, False, LABEL_SMOOTHING, exit_loss_impl="autograd")}
     for m in mixed_samples:
         out[f"mixed M={m}"] = AdaptiveLabelSmoothedCrossEntropyCriterion(
             task, False, LABEL_SMOOTHING, exit_training="mixed", mixed_samples=m)
     if experiments:
         out["aligned, stacked heads"] = StackedHeadsAligned(task, False, LABEL_SMOOTHING)
-        out["aligned, fused linear+CE"] = FusedLinearCEAligned(task, False, LABEL_SMOOTHING)
         out["aligned, F.cross_entropy"] = CrossEntropyAligned(task, False, LABEL_SMOOTHING)
     return out
 
@@ -315,8 +257,8 @@ def interleaved_medians(named: Dict[str, Callable[..., float]], repeats: int,
 
 def head_costs(model, batch, fused: bool) -> Tuple[Callable, Callable]:
     """Projection + label-smoothed loss only (forward and backward) on fixed decoder states, for the
-    last exit and for all N; ``fused`` uses ``LinearLabelSmoothedCE`` instead of the package's
-    projection → log_softmax → ``label_smoothed_nll_loss``."""
+    last exit and for all N; ``fused`` uses the package's ``fused_exit_loss`` (``--exit-loss-impl
+    fused``) instead of projection → log_softmax → ``label_smoothed_nll_loss``."""
     decoder = model.decoder
     with torch.no_grad():
         enc = model.encoder(batch["net_input"]["src_tokens"], src_lengths=batch["net_input"]["src_lengths"])
@@ -329,9 +271,8 @@ def head_costs(model, batch, fused: bool) -> Tuple[Callable, Callable]:
 
     def head_loss(n):
         if fused:
-            feats = decoder.exit_features(states[n - 1], n)
-            return LinearLabelSmoothedCE.apply(feats.reshape(-1, feats.size(-1)), decoder.exit_projection(n).weight,
-                                               target, LABEL_SMOOTHING, crit.padding_idx, FusedLinearCEAligned.chunk)[0]
+            return fused_exit_loss(decoder.exit_features(states[n - 1], n), decoder.exit_projection(n), target,
+                                   LABEL_SMOOTHING, crit.padding_idx)[0]
         return crit.smoothed_loss(crit.exit_lprobs(decoder, states[n - 1], n), target)[0]
 
     def heads(exits: List[int]) -> Callable[[], float]:

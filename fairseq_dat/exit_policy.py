@@ -26,7 +26,7 @@ from torch import Tensor
 from .errors import ConfigError
 from .modules.depth_estimators import decide_by_cumulative, single_threshold, thresholds_from_arg
 
-STRATEGIES = ("auto", "full", "fixed", "estimator", "confidence")
+STRATEGIES = ("auto", "full", "fixed", "estimator", "confidence", "uniform", "oracle")
 KV_MODES = ("deferred", "eager")  # keys/values of the blocks every row skipped: when needed, or at once
 
 
@@ -110,6 +110,47 @@ class FixedExit(PlannedDepth):
     def halt(self, decoder, n, h, active, plan):
         stop = torch.full((active.numel(),), n == self.exit_block, dtype=torch.bool, device=h.device)
         return stop, None
+
+
+class UniformExits(PlannedDepth):
+    """``--exit-strategy uniform``: each token of each hypothesis exits at a block drawn uniformly
+    from 1..N (Table 1's "Uniform" column: the anytime decoder under random exits). The draws come
+    from torch's generator, which fairseq seeds with ``--seed``."""
+
+    def plan_step(self, decoder, encoder_out, incremental_state, prev_output_tokens):
+        bsz = prev_output_tokens.size(0)
+        depth = torch.randint(1, decoder.num_layers + 1, (bsz,))
+        return {"depth": depth.to(prev_output_tokens.device)}
+
+
+class ReferenceOracle(ExitPolicy):
+    """``--exit-strategy oracle`` (analysis, needs the references): each token exits at the first
+    block whose classifier's top prediction is the reference token at that position (the
+    correctness oracle of §3 with λ > 0 picks the same exit whenever some exit is right), or at the
+    last block when none is; tokens past the reference's end run all blocks. The exits' logits
+    computed for the test are reused as the output. An upper bound for correctness-trained
+    estimators, with the search on its own hypotheses rather than on the reference prefix."""
+
+    needs_reference = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.reference: Optional[Tensor] = None  # set per batch by the generator: B x T target tokens
+
+    def plan_step(self, decoder, encoder_out, incremental_state, prev_output_tokens):
+        buf = decoder.get_incremental_state(incremental_state, "exits") or {}
+        if buf.get("reference") is None:  # first step: one copy per beam row, reordered with the beam after
+            rows = prev_output_tokens.size(0)
+            buf = dict(buf)
+            buf["reference"] = self.reference.repeat_interleave(rows // self.reference.size(0), dim=0)
+            decoder.set_incremental_state(incremental_state, "exits", buf)
+        reference, step = buf["reference"], prev_output_tokens.size(1) - 1
+        gold = reference[:, step] if step < reference.size(1) else reference.new_full((reference.size(0),), -1)
+        return {"gold": gold.to(prev_output_tokens.device)}
+
+    def halt(self, decoder, n, h, active, plan):
+        logits = decoder.exit_logits(h, n)
+        return logits.argmax(dim=-1) == plan["gold"].index_select(0, active), logits
 
 
 class ForcedExits(PlannedDepth):
@@ -234,6 +275,14 @@ def _policy_for_flags(decoder, strategy, threshold, fixed_exit, stats, gather_ra
         if not 1 <= fixed_exit <= n_exits:
             raise ConfigError(f"--fixed-exit must be in 1..{n_exits} for this checkpoint, got {fixed_exit}")
         return FixedExit(fixed_exit, **kwargs)
+    if strategy == "oracle":
+        if threshold is not None:
+            raise ConfigError("--exit-strategy oracle decides from the references: drop --exit-threshold")
+        return ReferenceOracle(**kwargs)
+    if strategy == "uniform":
+        if threshold is not None:
+            raise ConfigError("--exit-strategy uniform draws every exit at random: drop --exit-threshold")
+        return UniformExits(**kwargs)
     if strategy == "confidence":
         if threshold is None:
             raise ConfigError("--exit-strategy confidence needs --exit-threshold T (T in [0, 1], one value "

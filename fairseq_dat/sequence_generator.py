@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from fairseq.sequence_generator import EnsembleModel, SequenceGenerator
 
+from .errors import ConfigError
 from .exit_policy import ExitStats, build_exit_policy
 
 
@@ -55,6 +56,11 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
     def _generate(self, sample: Dict[str, Dict[str, Tensor]], prefix_tokens: Optional[Tensor] = None,
                   constraints: Optional[Tensor] = None, bos_token: Optional[int] = None):
         decoders = [m.decoder for m in self.model.models]
+        if getattr(self.policy, "needs_reference", False):
+            if sample.get("target") is None:
+                raise ConfigError("--exit-strategy oracle needs reference translations (a binarized test "
+                                  "set with targets, as fairseq-generate reads; not fairseq-interactive)")
+            self.policy.reference = sample["target"]
         for decoder in decoders:
             decoder.exit_policy = self.policy
         try:

@@ -86,6 +86,30 @@ def test_train_two_stages_then_generate_with_exit_threshold(tiny_data):
     assert 1.0 <= ae <= 3.0
 
 
+@pytest.fixture(scope="module")
+def stage1_checkpoint(tiny_data):
+    save = tiny_data / "stage1_shared"
+    run("fairseq-train", tiny_data / "bin", *TRAIN_ARGS, "--max-update", "3", "--save-dir", save)
+    return save / "checkpoint_last.pt"
+
+
+@pytest.mark.parametrize("oracle", ["likelihood", "correctness"])
+@pytest.mark.parametrize("estimator", ["sequence", "token-multinomial", "token-geometric",
+                                       "sequence-poisson-binomial", "token-poisson-binomial"])
+def test_every_estimator_and_oracle_trains_and_decodes(tiny_data, stage1_checkpoint, estimator, oracle):
+    """Stage 2 with each estimator x oracle through fairseq-train lands in the checkpoint, and
+    fairseq-generate --exit-threshold decodes with it (AE line after the BLEU line)."""
+    data, save = tiny_data / "bin", tiny_data / f"stage2-{estimator}-{oracle}"
+    proc = run("fairseq-train", data, *TRAIN_ARGS, "--max-update", "2", "--save-dir", save,
+               "--depth-estimator", estimator, "--depth-oracle", oracle, "--oracle-lambda", "0.1",
+               "--exit-loss-alpha", "1.0", "--finetune-from-model", stage1_checkpoint)
+    assert re.search(r"exit_loss[ =][0-9.]+", proc.stdout + proc.stderr)
+    gen = run("fairseq-generate", data, "--user-dir", REPO / "fairseq_dat", "--task", "adaptive_translation",
+              "--path", save / "checkpoint_last.pt", "--beam", "2", "--batch-size", "8", "--max-len-b", "5",
+              "--cpu", "--exit-threshold", "0.5").stdout
+    assert re.search(r"BLEU4 = [0-9.]+[\s\S]*Adaptive exits \(N=3\): AE=[0-9.]+", gen), gen[-1500:]
+
+
 def test_fixed_exit_and_bad_flags_on_the_command_line(tiny_data):
     data, ckpt_dir = tiny_data / "bin", tiny_data / "fixed"
     run("fairseq-train", data, *TRAIN_ARGS, "--max-update", "2", "--save-dir", ckpt_dir)

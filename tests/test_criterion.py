@@ -11,6 +11,7 @@ from fairseq_dat.criterions.adaptive_label_smoothed_cross_entropy import (
     AdaptiveLabelSmoothedCrossEntropyCriterion as Criterion,
     resolve_exit_weights,
 )
+import fairseq_dat.modules.fused_exit_loss as fused_module
 from fairseq_dat.errors import ConfigError
 from helpers import random_batch, tiny_model
 
@@ -44,6 +45,53 @@ def test_aligned_loss_is_the_weighted_mean_of_the_exit_losses():
     expected = (1 * by_hand[0] + 2 * by_hand[1] + 3 * by_hand[2]) / 6
     torch.testing.assert_close(loss, expected)
     assert sample_size == sample["ntokens"]
+
+
+@pytest.mark.parametrize("exit_grad_scale", [None, 0.5])
+def test_fused_exit_loss_equals_autograd_in_loss_logs_and_gradients(exit_grad_scale):
+    """--exit-loss-impl fused (chunked projection + loss with gradients in the forward pass) gives
+    the autograd path's loss, per-exit logs and every parameter's gradient; chunks smaller than the
+    batch and a padded target included."""
+    model, task, _ = tiny_model()
+    model.train()
+    sample = make_sample(task.target_dictionary, seed=3)
+    results = []
+    for impl in ("fused", "autograd"):
+        model.zero_grad()
+        torch.manual_seed(0)  # same dropout masks
+        crit = criterion(task, exit_loss_impl=impl, exit_weights="sqrt_n", exit_grad_scale=exit_grad_scale)
+        loss, _, logs = crit(model, sample) if impl == "autograd" else _with_chunk(fused_module, 5, crit, model, sample)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), logs, grads))
+    (loss_f, logs_f, grads_f), (loss_a, logs_a, grads_a) = results
+    torch.testing.assert_close(loss_f, loss_a, rtol=1e-5, atol=1e-5)
+    for key in ("nll_loss", "loss_exit1", "nll_loss_exit2", "loss_exit3"):
+        torch.testing.assert_close(logs_f[key], logs_a[key], rtol=1e-5, atol=1e-5)
+    assert grads_f.keys() == grads_a.keys()
+    for key in grads_a:
+        torch.testing.assert_close(grads_f[key], grads_a[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def _with_chunk(module, chunk, crit, model, sample):
+    """Run the criterion with the fused loss's chunk forced to ``chunk`` rows."""
+    original = module.fused_exit_loss.__defaults__
+    module.fused_exit_loss.__defaults__ = (chunk,)
+    try:
+        return crit(model, sample)
+    finally:
+        module.fused_exit_loss.__defaults__ = original
+
+
+def test_fused_exit_loss_is_not_used_with_an_estimator_and_validates_without_gradients():
+    model, task, _ = tiny_model(extra=["--depth-estimator", "token-geometric"])
+    crit = criterion(task, exit_loss_alpha=1.0)
+    _, extra = model(**make_sample(task.target_dictionary)["net_input"])
+    assert not crit.can_fuse(model.decoder, extra)  # the oracle needs every exit's log-probabilities
+    plain, ptask, _ = tiny_model()
+    with torch.no_grad():
+        loss, _, _ = criterion(ptask)(plain, make_sample(ptask.target_dictionary))
+    assert torch.isfinite(loss)
 
 
 def test_every_exit_receives_gradient():

@@ -242,6 +242,48 @@ def test_blocks_skipped_for_several_steps_catch_up_with_the_beam(model_and_dict)
             torch.testing.assert_close(x["positional_scores"], y["positional_scores"], rtol=1e-5, atol=1e-5)
 
 
+def test_uniform_exits_are_random_seeded_and_bounded(model_and_dict):
+    """--exit-strategy uniform (Table 1's Uniform column): every exit 1..N occurs, the same seed
+    gives the same hypotheses, and a threshold with it is refused."""
+    model, d = model_and_dict
+    sample = make_sample(d)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        gen = AdaptiveSequenceGenerator([model], d, beam_size=3, max_len_b=10, min_len=6, exit_strategy="uniform")
+        runs.append(gen.generate([model], sample))
+    exits = torch.cat([h["exits"] for sent in runs[0] for h in sent])
+    assert set(exits.tolist()) == {1, 2, 3}
+    assert_same_hypotheses(*runs)
+    with pytest.raises(ConfigError, match="--exit-threshold"):
+        AdaptiveSequenceGenerator([model], d, exit_strategy="uniform", exit_threshold="0.5")
+
+
+def test_reference_oracle_exits_where_an_exit_predicts_the_reference(model_and_dict):
+    """--exit-strategy oracle: with exit 1's own greedy output as the reference, greedy decoding
+    exits at block 1 everywhere and reproduces it; with random references, every token that
+    exited before the last block is the reference token at its position."""
+    model, d = model_and_dict
+    sample = make_sample(d)
+    exit1 = AdaptiveSequenceGenerator([model], d, beam_size=1, max_len_b=8, fixed_exit=1).generate([model], sample)
+    ref = torch.full((len(exit1), max(len(h[0]["tokens"]) for h in exit1)), d.pad())
+    for i, hypos in enumerate(exit1):
+        ref[i, : len(hypos[0]["tokens"])] = hypos[0]["tokens"]
+    oracle = AdaptiveSequenceGenerator([model], d, beam_size=1, max_len_b=8, exit_strategy="oracle")
+    out = oracle.generate([model], dict(sample, target=ref))
+    for mine, theirs in zip(out, exit1):  # the final EOS may be forced by --max-len-b, not predicted
+        assert torch.equal(mine[0]["tokens"], theirs[0]["tokens"]) and mine[0]["exits"][:-1].eq(1).all()
+    out = oracle.generate([model], sample)  # random references
+    for i, hypos in enumerate(out):
+        tokens, exits = hypos[0]["tokens"], hypos[0]["exits"]
+        early = exits < 3
+        gold = sample["target"][i, : len(tokens)]
+        assert torch.equal(tokens[: len(gold)][early[: len(gold)]], gold[early[: len(gold)]])
+        assert exits[len(gold):].eq(3).all()
+    with pytest.raises(ConfigError, match="reference"):
+        oracle.generate([model], {k: v for k, v in sample.items() if k != "target"})
+
+
 def test_average_exit_accounting(model_and_dict):
     model, d = model_and_dict
     gen = AdaptiveSequenceGenerator([model], d, beam_size=2, max_len_b=8, exit_threshold="0.5")

@@ -58,6 +58,7 @@ eval_stage() {  # eval_stage STAGE SUBSET   (EVAL_JOBS=k runs k settings at a ti
   local settings=("full|")
   case "$stage" in
     aligned|mixed-*)
+      settings+=("uniform|--exit-strategy uniform")
       for n in $(seq 1 "$NUM_EXITS"); do settings+=("exit$n|--fixed-exit $n"); done
       for t in $CONF_THRESHOLDS; do settings+=("conf$t|--exit-strategy confidence --exit-threshold $t"); done ;;
     *-LL|*-C)

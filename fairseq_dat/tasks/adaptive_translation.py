@@ -33,7 +33,9 @@ class AdaptiveTranslationConfig(TranslationConfig):
     exit_strategy: str = field(default="auto", metadata={
         "help": f"exit rule, one of {', '.join(STRATEGIES)}. auto: fixed if --fixed-exit, the trained "
                 "estimator (or confidence for checkpoints trained with --depth-estimator confidence) if "
-                "--exit-threshold, else full depth"})
+                "--exit-threshold, else full depth; uniform: every token exits at a block drawn uniformly from 1..N "
+                "(Table 1's Uniform column; seeded by --seed); oracle (analysis, needs references): exit at the first "
+                "block whose prediction is the reference token, else the last"})
     fixed_exit: Optional[int] = field(default=None, metadata={
         "help": "every token exits at block N (1-based); N = the number of decoder layers is full depth "
                 "through the exit-aware path"})
