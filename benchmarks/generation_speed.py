@@ -424,7 +424,7 @@ def add_speedups(summaries: List[Summary], limit_tpt: Dict[int, float]):
     base = summaries[0]
     for s in summaries:
         s.speedup = s.tokens_per_s / base.tokens_per_s
-        if s.kind in ("ours", "fixed", "estimator", "estimator-eager", "confidence") and limit_tpt:
+        if s.kind in ("ours", "fixed", "fixed-eager", "estimator", "estimator-eager", "confidence") and limit_tpt:
             s.ideal = (1.0 / base.tokens_per_s) / interpolate(limit_tpt, s.ae)
             s.efficiency = s.speedup / s.ideal
             s.efficiency_cae = s.speedup * interpolate(limit_tpt, s.compute_ae) * base.tokens_per_s
@@ -544,18 +544,21 @@ class Search:
         return {"beam_size": self.beam, "max_decoding_length": self.max_len_b}
 
 
-def build_rows(ctx: Context, search: Search, args, est_thresholds, conf_thresholds, sources) -> List[Row]:
+def build_rows(ctx: Context, search: Search, args, est_thresholds, conf_thresholds, sources,
+               fixed_exits: Optional[List[int]] = None, kv_rows: bool = True) -> List[Row]:
     tgt_dict, n = ctx.task.target_dictionary, ctx.dims.num_layers
     rows: List[Row] = [FairseqRow("fairseq full", "fairseq", ctx.limits[n], tgt_dict, search, n),
                        AdaptiveRow("ours (no flags)", "ours", ctx.model, tgt_dict, search),
                        AdaptiveRow(f"ours fixed={n}", "ours", ctx.model, tgt_dict, search, fixed_exit=n)]
     rows += [FairseqRow(f"limit k={k}", "limit", ctx.limits[k], tgt_dict, search, k) for k in range(1, n)]
     # the same exits through the exit-aware loop: efficiency at integer AE; eager = K/V of skipped blocks at once
-    rows += [AdaptiveRow(f"ours fixed={k}", "fixed", ctx.model, tgt_dict, search, fixed_exit=k) for k in range(1, n)]
-    rows.append(AdaptiveRow("ours fixed=1 eager K/V", "fixed", ctx.model, tgt_dict, search, fixed_exit=1,
-                            exit_kv="eager"))
+    fixed_exits = list(range(1, n)) if fixed_exits is None else fixed_exits
+    rows += [AdaptiveRow(f"ours fixed={k}", "fixed", ctx.model, tgt_dict, search, fixed_exit=k) for k in fixed_exits]
+    if kv_rows:
+        rows.append(AdaptiveRow("ours fixed=1 eager K/V", "fixed-eager", ctx.model, tgt_dict, search, fixed_exit=1,
+                                exit_kv="eager"))
     rule = getattr(ctx.model.decoder, "depth_estimator_name", "none")
-    if est_thresholds:
+    if est_thresholds and kv_rows:
         rows.append(AdaptiveRow(f"estimator T={est_thresholds[0]:g} eager K/V", "estimator-eager", ctx.model, tgt_dict,
                                 search, flops_rule=rule, exit_strategy="estimator",
                                 exit_threshold=str(est_thresholds[0]), exit_kv="eager"))
@@ -606,11 +609,11 @@ def check_reference_rows(rows: List[Row]):
 
 
 def run_setting(ctx: Context, args, batch_size: int, beam: int, est_thresholds, conf_thresholds, sources,
-                referee) -> List[Summary]:
+                referee, fixed_exits: Optional[List[int]] = None, kv_rows: bool = True) -> List[Summary]:
     limit = args.batch1_sentences if batch_size == 1 and args.batch1_sentences else args.max_sentences
     batches = load_batches(ctx.task, [ctx.model], args.subset, batch_size, limit)
     rows = build_rows(ctx, Search(beam, args.max_len_b, args.fixed_length), args, est_thresholds, conf_thresholds,
-                      sources)
+                      sources, fixed_exits, kv_rows)
     nsent = sum(len(b["id"]) for b in batches)
     print(f"\n== beam {beam}, batch {batch_size}: {nsent} sentences in {len(batches)} batches, {len(rows)} rows "
           f"x {args.repeats} interleaved passes", flush=True)
@@ -659,8 +662,9 @@ def main(argv=None):
               f"d_f={ctx.dims.ffn_dim} d_e={ctx.dims.encoder_dim} V={ctx.dims.vocab}; "
               f"encoder layers {len(ctx.model.encoder.layers)}")
         per_setting: Dict[str, List[Summary]] = {}
+        fixed, kv_rows = None, True
         for i, (batch_size, beam) in enumerate(args.settings):
-            summaries = run_setting(ctx, args, batch_size, beam, est, conf, sources, referee)
+            summaries = run_setting(ctx, args, batch_size, beam, est, conf, sources, referee, fixed, kv_rows)
             name = f"beam {beam}, batch {batch_size}"
             per_setting[name] = summaries
             print(markdown_table(summaries))
@@ -670,6 +674,8 @@ def main(argv=None):
             if i == 0 and not args.full_sweep_everywhere:
                 est = carried_thresholds(summaries, "estimator", args.bleu_tolerance)
                 conf = carried_thresholds(summaries, "confidence", args.bleu_tolerance)
+                fixed = [int(t) for t in carried_thresholds(summaries, "fixed", args.bleu_tolerance)] or [1]
+                kv_rows = False  # the eager K/V comparison: first setting only
     write_reports(args, machine, per_setting)
     print(result_line(next(iter(per_setting.values())), args.bleu_tolerance))
 

@@ -49,7 +49,7 @@ generate_setting() {  # generate_setting STAGE SUBSET SETTING FLAGS...
     --batch-size 64 --remove-bpe "${GEN_DEVICE[@]}" "${GEN[@]}" "$@" > "$log" 2>&1 \
     || { echo "error: generation failed, see $log" >&2; return 1; }
   printf '%-14s %-8s %-10s %s | %s\n' "$stage" "$subset" "$setting" \
-    "$(grep -h -o 'BLEU4 = [0-9.]*' "$log")" "$(grep -h -o 'AE=[0-9.]*' "$log")"
+    "$(grep -h -o 'BLEU4 = [0-9.]*' "$log")" "$(grep -h -o 'AE=[0-9.]*' "$log" | head -1)"
 }
 
 eval_stage() {  # eval_stage STAGE SUBSET   (EVAL_JOBS=k runs k settings at a time; default 1)

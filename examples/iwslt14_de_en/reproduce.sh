@@ -19,7 +19,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   MODEL=(--arch adaptive_transformer_iwslt_de_en --encoder-layers 2 --decoder-layers 3 --encoder-embed-dim 64
          --decoder-embed-dim 64 --encoder-ffn-embed-dim 128 --decoder-ffn-embed-dim 128)
   LENGTH=(--max-update "${MAX_UPDATE:-20}"); STAGE2_LENGTH=(--max-update "${MAX_UPDATE:-10}")
-  DEVICE=(--cpu); GEN_DEVICE=(--cpu); GEN=(--max-len-b 20 --num-shards 20 --shard-id 0); NUM_EXITS=3  # eval: 1/20 of the set
+  DEVICE=(--cpu); GEN_DEVICE=(--cpu); GEN=(--max-len-b 20); NUM_EXITS=3
 else
   DATA_BIN=${DATA_BIN:-$REPO/data-bin/iwslt14_de_en}; RUN_DIR=${RUN_DIR:-$REPO/../runs/iwslt14}
   MODEL=(--arch adaptive_transformer_iwslt_de_en)
