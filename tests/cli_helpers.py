@@ -156,3 +156,19 @@ def stock_checkpoint(corpus, tmp_path_factory):
     check_ok(run_tool("fairseq-train", *train_args(corpus, save, *TINY_DIMS, max_update=4, arch="transformer",
                                                    task="translation", criterion="label_smoothed_cross_entropy")))
     return save / "checkpoint_last.pt"
+
+
+def multi30k_bpe_text(tmp: Path) -> Path:
+    """The Multi30k BPE text of examples/multi30k_de_en/prepare.sh: data-bin/multi30k_de_en.bpe when
+    prepared, else built here from the staged data (first 2,000 training pairs) into tmp."""
+    bpe = REPO / "data-bin" / "multi30k_de_en.bpe"
+    if (bpe / "valid.en").exists():
+        return bpe
+    if not (MULTI30K / "train.de.xz").exists():
+        pytest.skip(f"no Multi30k data: neither {bpe} nor {MULTI30K} exists (set FAIRSEQ_DAT_SHARED)")
+    env = dict(tool_env(), LIMIT="2000")
+    proc = subprocess.run(["bash", str(REPO / "examples/multi30k_de_en/prepare.sh"), str(SHARED / "data"),
+                           str(tmp / "m30k")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "m30k.bpe"
+

@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import multi30k_bpe_text
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-BPE_DIR = REPO / "data-bin" / "multi30k_de_en.bpe"
-SHARED = Path(os.environ.get("FAIRSEQ_DAT_SHARED", REPO.parent / "shared"))
 
 
 def run(*argv, check=True):
@@ -29,15 +28,7 @@ def tiny_data(tmp_path_factory):
     """300 training pairs (Multi30k BPE text from examples/multi30k_de_en/prepare.sh, or built here
     from ../shared with LIMIT) binarized with a joined dictionary."""
     tmp = tmp_path_factory.mktemp("cli")
-    bpe = BPE_DIR
-    if not (bpe / "train.de").exists():
-        if not (SHARED / "data" / "multi30k-de-en").exists():
-            pytest.skip(f"no Multi30k data: neither {BPE_DIR} nor {SHARED}/data exists")
-        out = tmp / "m30k"
-        subprocess.run(["bash", str(REPO / "examples/multi30k_de_en/prepare.sh"), str(SHARED / "data"), str(out)],
-                       check=True, env=dict(os.environ, LIMIT="2000", PATH=f"{BIN}:{os.environ['PATH']}"),
-                       capture_output=True)
-        bpe = tmp / "m30k.bpe"
+    bpe = multi30k_bpe_text(tmp)
     text = tmp / "text"
     text.mkdir()
     for split, n in (("train", 300), ("valid", 40), ("test", 24)):

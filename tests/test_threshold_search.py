@@ -14,13 +14,13 @@ import pytest
 import torch
 from fairseq.data import Dictionary
 
+from cli_helpers import multi30k_bpe_text
 from helpers import tiny_model
 from fairseq_dat.cli import threshold_search as ts
 from fairseq_dat.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-BPE_DIR = REPO / "data-bin" / "multi30k_de_en.bpe"
 GEN_FLAGS = ["--beam", "5", "--batch-size", "8", "--max-len-b", "10"]  # shared by both tools
 
 
@@ -47,13 +47,12 @@ def save_checkpoint(data_bin: Path, path: Path, extra=()) -> Path:
 def tiny(tmp_path_factory):
     """(data-bin, checkpoint): 40 valid and 40 test pairs of Multi30k BPE text; the dictionary is
     built from all three splits so no reference word is unknown."""
-    if not (BPE_DIR / "valid.en").exists():
-        pytest.skip(f"no Multi30k BPE text in {BPE_DIR} (run examples/multi30k_de_en/prepare.sh)")
     tmp = tmp_path_factory.mktemp("threshold_search")
+    bpe_dir = multi30k_bpe_text(tmp)
     text = tmp / "text"
     text.mkdir()
     for lang in ("de", "en"):
-        splits = {s: (BPE_DIR / f"{s}.{lang}").read_text().splitlines()[:40] for s in ("train", "valid", "test")}
+        splits = {s: (bpe_dir / f"{s}.{lang}").read_text().splitlines()[:40] for s in ("train", "valid", "test")}
         (text / f"train.{lang}").write_text("\n".join(splits["train"] + splits["valid"] + splits["test"]) + "\n")
         for split in ("valid", "test"):
             (text / f"{split}.{lang}").write_text("\n".join(splits[split]) + "\n")
