@@ -29,6 +29,7 @@ The last line printed is machine-readable (first setting, by default beam 5 x ba
 A markdown table and a PNG (BLEU against tokens/s) go to ``--out-dir``.
 """
 import argparse
+from abc import ABC, abstractmethod
 import copy
 import logging
 import os
@@ -220,7 +221,7 @@ class Output:
 
 
 @dataclass
-class Row:
+class Row(ABC):
     """A decoder to time. ``kind``: fairseq, ours, limit, estimator, confidence or ct2."""
 
     name: str
@@ -234,11 +235,13 @@ class Row:
     def start(self):
         """Fresh decoder state before a timed pass (generators, exit statistics)."""
 
+    @abstractmethod
     def generate(self, batch):
-        raise NotImplementedError
+        """Decode one batch; returns what ``unpack`` reads."""
 
+    @abstractmethod
     def unpack(self, batch, result) -> List[Output]:
-        raise NotImplementedError
+        """One Output per sentence of the batch."""
 
     def finish(self):
         """Read what the pass counted (compute AE)."""
