@@ -9,6 +9,9 @@
 #   (estimator: sequence, token-multinomial, geometric = token-geometric, ...; stage 2 from aligned)
 # Evaluation: eval STAGE SUBSET writes RUN_DIR/STAGE/generate-SUBSET-SETTING.log for
 #   SETTING = full, exit1..exitN (aligned/mixed), thr<T> (estimators), conf<T> (aligned: confidence).
+#   EVAL_SENTENCES=N decodes only the first N pairs of SUBSET (binarized once with the model's
+#   dictionaries into RUN_DIR/eval-data/SUBSETN from DATA_BIN.bpe/SUBSET.{SRC_LANG,TGT_LANG}); the logs
+#   are then named generate-SUBSETN-SETTING.log (e.g. generate-valid200-full.log).
 
 COMMON=(--user-dir "$REPO/fairseq_dat" --task adaptive_translation --seed 1 --log-format simple
         --log-interval 50 --keep-last-epochs 10 --save-interval-updates 0)
@@ -41,20 +44,42 @@ train_stage() {  # train_stage STAGE
   grep -E "valid on|done training" "$dir/train.log" | tail -2
 }
 
+first_pairs_data_bin() {  # first_pairs_data_bin SUBSET N: binarize the first N pairs of SUBSET, print the dir
+  local subset=$1 n=$2 src=${SRC_LANG:-de} tgt=${TGT_LANG:-en} bpe="${DATA_BIN%/}.bpe"
+  local out="$RUN_DIR/eval-data/$subset$n" tmp
+  [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "error: EVAL_SENTENCES must be a positive integer, got '$n'" >&2; return 1; }
+  if [ ! -f "$out/dict.$tgt.txt" ]; then
+    for l in "$src" "$tgt"; do
+      [ -f "$bpe/$subset.$l" ] || { echo "error: EVAL_SENTENCES needs the BPE text $bpe/$subset.$l (made by the recipe's prepare.sh)" >&2; return 1; }
+    done
+    tmp=$(mktemp -d)
+    head -n "$n" "$bpe/$subset.$src" > "$tmp/$subset.$src"; head -n "$n" "$bpe/$subset.$tgt" > "$tmp/$subset.$tgt"
+    local split=--validpref; [ "$subset" = test ] && split=--testpref
+    fairseq-preprocess --source-lang "$src" --target-lang "$tgt" --srcdict "$DATA_BIN/dict.$src.txt" \
+      --tgtdict "$DATA_BIN/dict.$tgt.txt" "$split" "$tmp/$subset" --destdir "$tmp/bin" --workers 1 > "$tmp/log" 2>&1 \
+      || { cat "$tmp/log" >&2; echo "error: fairseq-preprocess failed on the first $n pairs of $subset" >&2; rm -rf "$tmp"; return 1; }
+    [ "$subset" = valid ] || [ "$subset" = test ] || { for f in "$tmp/bin"/valid.*; do mv "$f" "${f/valid./$subset.}"; done; }
+    mkdir -p "$(dirname "$out")"; rm -rf "$out"; mv "$tmp/bin" "$out"; rm -rf "$tmp"
+  fi
+  echo "$out"
+}
+
 generate_setting() {  # generate_setting STAGE SUBSET SETTING FLAGS...
   local stage=$1 subset=$2 setting=$3; shift 3
-  local log="$RUN_DIR/$stage/generate-$subset-$setting.log"
-  fairseq-generate "$DATA_BIN" --user-dir "$REPO/fairseq_dat" --task adaptive_translation \
+  local log="$RUN_DIR/$stage/generate-$subset${EVAL_SENTENCES:-}-$setting.log" data=$DATA_BIN
+  if [ -n "${EVAL_SENTENCES:-}" ]; then data="$RUN_DIR/eval-data/$subset$EVAL_SENTENCES"; fi
+  fairseq-generate "$data" --user-dir "$REPO/fairseq_dat" --task adaptive_translation \
     --path "$RUN_DIR/$stage/${CHECKPOINT:-checkpoint_best.pt}" --gen-subset "$subset" --beam "$BEAM" \
     --batch-size 64 --remove-bpe "${GEN_DEVICE[@]}" "${GEN[@]}" "$@" > "$log" 2>&1 \
-    || { echo "error: generation failed, see $log" >&2; return 1; }
-  printf '%-14s %-8s %-10s %s | %s\n' "$stage" "$subset" "$setting" \
+    || { echo "error: generation failed, see $log" >&2; echo "$setting" >> "$RUN_DIR/$stage/eval-failed.txt"; return 1; }
+  printf '%-14s %-8s %-10s %s | %s\n' "$stage" "$subset${EVAL_SENTENCES:-}" "$setting" \
     "$(grep -h -o 'BLEU4 = [0-9.]*' "$log")" "$(grep -h -o 'AE=[0-9.]*' "$log" | head -1)"
 }
 
 eval_stage() {  # eval_stage STAGE SUBSET   (EVAL_JOBS=k runs k settings at a time; default 1)
   local stage=$1 subset=$2
   [ -f "$RUN_DIR/$stage/${CHECKPOINT:-checkpoint_best.pt}" ] || { echo "error: $RUN_DIR/$stage/${CHECKPOINT:-checkpoint_best.pt} not found (train $stage first)" >&2; return 1; }
+  [ -z "${EVAL_SENTENCES:-}" ] || first_pairs_data_bin "$subset" "$EVAL_SENTENCES" > /dev/null || return 1
   local settings=("full|")
   case "$stage" in
     aligned|mixed-*)
@@ -65,10 +90,15 @@ eval_stage() {  # eval_stage STAGE SUBSET   (EVAL_JOBS=k runs k settings at a ti
       for t in $THRESHOLDS; do settings+=("thr$t|--exit-threshold $t"); done ;;
   esac
   local item flags
+  rm -f "$RUN_DIR/$stage/eval-failed.txt"  # settings run as background jobs: their failures are collected here
   for item in "${settings[@]}"; do
     while [ "$(jobs -rp | wc -l)" -ge "${EVAL_JOBS:-1}" ]; do wait -n || true; done
     read -r -a flags <<< "${item#*|}"
     generate_setting "$stage" "$subset" "${item%%|*}" "${flags[@]}" &
   done
   wait
+  if [ -s "$RUN_DIR/$stage/eval-failed.txt" ]; then
+    echo "error: $(wc -l < "$RUN_DIR/$stage/eval-failed.txt") of ${#settings[@]} settings of $stage failed: $(tr '\n' ' ' < "$RUN_DIR/$stage/eval-failed.txt")(logs in $RUN_DIR/$stage)" >&2
+    return 1
+  fi
 }

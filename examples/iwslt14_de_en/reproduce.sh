@@ -4,7 +4,7 @@
 #   bash examples/iwslt14_de_en/reproduce.sh eval STAGE [SUBSET] (valid for Table 1, test for Figure 3)
 #   SMOKE=1 bash examples/iwslt14_de_en/reproduce.sh train aligned   a minutes-long CPU run of the same
 #                      recipe on the staged 8.8k-pair train sample (data-bin/iwslt14_de_en_sample): a test of
-#                      the recipe, not a result
+#                      the recipe, not a result; its eval decodes the first EVAL_SENTENCES=200 pairs of SUBSET
 # Stages: aligned, baseline-1..6, mixed-1|3|6, geometric-C, geometric-LL, token-multinomial-C|LL, sequence-C|LL
 #   (stage 2 from aligned/checkpoint_best.pt). Settings from the paper (§4.1): adaptive_transformer_iwslt_de_en
 # (6+6, d_enc 512, d_dec 256, FFN 1024, 4 heads, dropout 0.3, untied, 6 classifiers), Adam, grad-norm clip 3,
@@ -19,7 +19,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   MODEL=(--arch adaptive_transformer_iwslt_de_en --encoder-layers 2 --decoder-layers 3 --encoder-embed-dim 64
          --decoder-embed-dim 64 --encoder-ffn-embed-dim 128 --decoder-ffn-embed-dim 128)
   LENGTH=(--max-update "${MAX_UPDATE:-20}"); STAGE2_LENGTH=(--max-update "${MAX_UPDATE:-10}")
-  DEVICE=(--cpu); GEN_DEVICE=(--cpu); GEN=(--max-len-b 20); NUM_EXITS=3
+  DEVICE=(--cpu); GEN_DEVICE=(--cpu); GEN=(--max-len-b 20); NUM_EXITS=3; EVAL_SENTENCES=${EVAL_SENTENCES-200}
 else
   DATA_BIN=${DATA_BIN:-$REPO/data-bin/iwslt14_de_en}; RUN_DIR=${RUN_DIR:-$REPO/../runs/iwslt14}
   MODEL=(--arch adaptive_transformer_iwslt_de_en)

@@ -347,8 +347,9 @@ def load_checkpoint(data: str, path: str):
 def build_batches(task, models, subset: str, flag: str, batch_size, max_tokens, max_sentences, seed) -> list:
     """The batches ``fairseq-generate --gen-subset subset --batch-size … --max-tokens …`` decodes,
     in its order (``FairseqTask.get_batch_iterator``: epoch 1, ``numpy_seed(seed + 1)``, size
-    filter, ``batch_by_size`` with fairseq's default multiple 8). ``max_sentences`` keeps only the
-    sentences with id < max_sentences."""
+    filter, ``batch_by_size`` with the multiple 1 that ``adaptive_translation`` uses for every split
+    but the training one: fairseq's default 8 drops the last ``len % 8`` sentences).
+    ``max_sentences`` keeps only the sentences with id < max_sentences."""
     try:
         task.load_dataset(subset)
     except (FileNotFoundError, ConfigError) as err:  # adaptive_translation raises ConfigError itself
@@ -364,7 +365,7 @@ def build_batches(task, models, subset: str, flag: str, batch_size, max_tokens, 
     if max_tokens is None and batch_size is None:
         max_tokens = 12000  # fairseq-generate's default
     batches = dataset.batch_by_size(indices, max_tokens=max_tokens, max_sentences=batch_size,
-                                    required_batch_size_multiple=8)
+                                    required_batch_size_multiple=1)
     return [dataset.collater([dataset[i] for i in batch]) for batch in batches]
 
 

@@ -100,6 +100,21 @@ class AdaptiveTranslationTask(TranslationTask):
                 raise
             raise checks.inputs_too_long(dataset, indices, max_positions) from None
 
+    def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, max_positions=None,
+                           ignore_invalid_inputs=False, required_batch_size_multiple=1, **kwargs):
+        """fairseq 0.12's ``batch_by_size`` drops the last ``len % m`` sentences of a split when
+        ``--required-batch-size-multiple`` m > 1 (default 8; facebookresearch/fairseq#5351):
+        stock ``fairseq-generate`` scores 1,008 of Multi30k's 1,014 valid sentences and decodes
+        nothing from a split of fewer than 8. Every split but the training one is therefore batched
+        with a multiple of 1, so that validation and generation see every sentence."""
+        if required_batch_size_multiple > 1 and not self.is_train_dataset(dataset):
+            required_batch_size_multiple = 1
+        return super().get_batch_iterator(dataset, max_tokens, max_sentences, max_positions, ignore_invalid_inputs,
+                                          required_batch_size_multiple, **kwargs)
+
+    def is_train_dataset(self, dataset) -> bool:
+        return any(dataset is self.datasets.get(split) for split in self.cfg.train_subset.split(","))
+
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None,
                         prefix_allowed_tokens_fn=None):
         if seq_gen_cls is not None or getattr(args, "score_reference", False) or \
