@@ -158,8 +158,35 @@ def test_blocks_run_only_for_rows_that_have_not_exited(model_and_dict):
     finally:
         dec.layers = torch.nn.ModuleList(originals)
     assert counters[0].rows == [8] * 5  # block 1: every row
-    # blocks 2 and 3: all rows once (the first call computes the source keys/values), then only the 2
-    assert counters[1].rows == [8] + [2] * 4 and counters[2].rows == [8] + [2] * 4
+    # blocks 2 and 3: only the 2 rows, also at their first call (the source keys/values are cached
+    # without running the block on every row)
+    assert counters[1].rows == [2] * 5 and counters[2].rows == [2] * 5
+
+
+@pytest.mark.parametrize("beam", [1, 2])
+def test_first_call_source_keys_values_equal_fairseqs(model_and_dict, beam):
+    """cache_source_kv stores exactly the encoder-attention cache fairseq's layer stores on its first
+    call (padded sources; per sentence when the attention has a beam size)."""
+    model, d = model_and_dict
+    layer = model.decoder.layers[1]
+    net_input, _ = random_batch(d, bsz=3, tgt_len=4, seed=5)
+    with torch.no_grad():
+        enc_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+        enc_out = model.encoder.reorder_encoder_out(enc_out, torch.arange(3).repeat_interleave(beam))
+        enc, enc_mask = enc_out["encoder_out"][0], enc_out["encoder_padding_mask"][0]
+        assert enc_mask.any()  # the batch has padded sources
+        x = torch.randn(1, 3 * beam, enc.size(2))
+        layer.encoder_attn.set_beam_size(beam)
+        try:
+            stock, ours = {}, {}
+            layer(x, enc, enc_mask, stock)
+            model.decoder.cache_source_kv(layer.encoder_attn, enc, enc_mask, ours)
+        finally:
+            layer.encoder_attn.set_beam_size(1)
+    a, b = layer.encoder_attn._get_input_buffer(stock), layer.encoder_attn._get_input_buffer(ours)
+    assert a["prev_key"].size(0) == 3  # one per sentence whatever the beam
+    for key in ("prev_key", "prev_value", "prev_key_padding_mask"):
+        assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
 
 
 def test_deferred_keys_values_skip_blocks_no_row_reaches(model_and_dict):

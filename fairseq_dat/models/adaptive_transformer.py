@@ -33,7 +33,7 @@ from fairseq.models.transformer import (
     base_architecture,
 )
 from fairseq.models.transformer.transformer_legacy import transformer_wmt_en_de_big
-from fairseq.modules import LayerNorm
+from fairseq.modules import LayerNorm, MultiheadAttention
 
 from ..checks import check_embedding_sizes
 from ..errors import ConfigError
@@ -212,16 +212,17 @@ class AdaptiveTransformerDecoder(TransformerDecoderBase):
     def logits_at_exits(self, states: Tensor, exits: Tensor) -> Tensor:
         """(..., C) final states with the copy rule applied, (...) 1-based exits → (..., V) logits,
         each position projected by its own exit's classifier (once per position)."""
-        present = torch.unique(exits).tolist()
-        if len(present) == 1:
+        present, counts = torch.unique(exits, return_counts=True)
+        if present.numel() == 1:
             return self.exit_logits(states, int(present[0]))
-        out = None  # sized by the classifiers: fairseq-generate --remove-bpe grows the dictionary object
-        for n in present:
-            where = exits == n
-            logits = self.exit_logits(states[where], int(n))
-            if out is None:
-                out = logits.new_empty(exits.shape + logits.shape[-1:])
-            out[where] = logits.to(out.dtype)
+        # every position through the most frequent exit's classifier (no gather/scatter of the bulk of
+        # the V-wide logits), then the other exits' positions overwritten
+        common = int(present[counts.argmax()])
+        out = self.exit_logits(states, common)
+        for n in present.tolist():
+            if n != common:
+                where = exits == n
+                out[where] = self.exit_logits(states[where], n).to(out.dtype)
         return out
 
     # ---- forward -------------------------------------------------------------------------------
@@ -377,13 +378,36 @@ class AdaptiveTransformerDecoder(TransformerDecoderBase):
         if n_active == 0:
             self.append_copied_kv(layer, x, incremental_state)
             return x, None
-        cross_cached = layer.encoder_attn is None or "prev_key" in layer.encoder_attn._get_input_buffer(incremental_state)
-        if n_active >= gather_ratio * bsz or not cross_cached:
+        if n_active >= gather_ratio * bsz:
             out, _, _ = layer(x, enc, enc_mask, incremental_state, self_attn_padding_mask=pad_mask)
             mask = torch.zeros(bsz, dtype=torch.bool, device=x.device)
             mask[active] = True
             return torch.where(mask.view(1, bsz, 1), out, x), None
+        if layer.encoder_attn is not None and "prev_key" not in layer.encoder_attn._get_input_buffer(incremental_state):
+            self.cache_source_kv(layer.encoder_attn, enc, enc_mask, incremental_state)
         return self.run_block_on_subbatch(layer, x, active, enc, enc_mask, incremental_state, pad_mask), None
+
+    @staticmethod
+    def cache_source_kv(attn, enc, enc_mask, incremental_state):
+        """The paper's FirstCall (App. B) for a block that only a few rows reach: its source keys/values,
+        computed and cached exactly as fairseq's encoder-decoder attention does on its first call (one
+        per sentence when the generator set a beam size), without running the block on every row."""
+        key, mask = enc, enc_mask
+        if attn.beam_size > 1 and key.size(1) % attn.beam_size == 0:  # S x B*beam x C → S x B x C
+            key = key.view(key.size(0), -1, attn.beam_size, key.size(2))[:, :, 0, :]
+            if mask is not None:
+                mask = mask.view(-1, attn.beam_size, mask.size(1))[:, 0, :]
+        src_len, kv_bsz = key.shape[:2]
+
+        def heads(t):  # S x B x C → B x H x S x d, fairseq's cache layout
+            return t.contiguous().view(src_len, kv_bsz * attn.num_heads, attn.head_dim).transpose(0, 1) \
+                .reshape(kv_bsz, attn.num_heads, src_len, attn.head_dim)
+
+        mask = MultiheadAttention._append_prev_key_padding_mask(
+            key_padding_mask=mask, prev_key_padding_mask=None, batch_size=kv_bsz, src_len=src_len, static_kv=True)
+        attn._set_input_buffer(incremental_state, {"prev_key": heads(attn.k_proj(key)),
+                                                   "prev_value": heads(attn.v_proj(key)),
+                                                   "prev_key_padding_mask": mask})
 
     def run_block_on_subbatch(self, layer, x, active, enc, enc_mask, incremental_state, pad_mask):
         """Gather the active rows and their caches, run the layer, scatter its new keys/values back
