@@ -44,9 +44,14 @@ train_stage() {  # train_stage STAGE
   grep -E "valid on|done training" "$dir/train.log" | tail -2
 }
 
-first_pairs_data_bin() {  # first_pairs_data_bin SUBSET N: binarize the first N pairs of SUBSET, print the dir
+eval_data_dir() {  # eval_data_dir SUBSET N: where the first N pairs of SUBSET are binarized
+  echo "$RUN_DIR/eval-data/$1$2"
+}
+
+first_pairs_data_bin() {  # first_pairs_data_bin SUBSET N: binarize the first N pairs of SUBSET (once)
   local subset=$1 n=$2 src=${SRC_LANG:-de} tgt=${TGT_LANG:-en} bpe="${DATA_BIN%/}.bpe"
-  local out="$RUN_DIR/eval-data/$subset$n" tmp
+  local out tmp
+  out=$(eval_data_dir "$subset" "$n")
   [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "error: EVAL_SENTENCES must be a positive integer, got '$n'" >&2; return 1; }
   if [ ! -f "$out/dict.$tgt.txt" ]; then
     for l in "$src" "$tgt"; do
@@ -61,13 +66,12 @@ first_pairs_data_bin() {  # first_pairs_data_bin SUBSET N: binarize the first N 
     [ "$subset" = valid ] || [ "$subset" = test ] || { for f in "$tmp/bin"/valid.*; do mv "$f" "${f/valid./$subset.}"; done; }
     mkdir -p "$(dirname "$out")"; rm -rf "$out"; mv "$tmp/bin" "$out"; rm -rf "$tmp"
   fi
-  echo "$out"
 }
 
 generate_setting() {  # generate_setting STAGE SUBSET SETTING FLAGS...
   local stage=$1 subset=$2 setting=$3; shift 3
   local log="$RUN_DIR/$stage/generate-$subset${EVAL_SENTENCES:-}-$setting.log" data=$DATA_BIN
-  if [ -n "${EVAL_SENTENCES:-}" ]; then data="$RUN_DIR/eval-data/$subset$EVAL_SENTENCES"; fi
+  if [ -n "${EVAL_SENTENCES:-}" ]; then data=$(eval_data_dir "$subset" "$EVAL_SENTENCES"); fi
   fairseq-generate "$data" --user-dir "$REPO/fairseq_dat" --task adaptive_translation \
     --path "$RUN_DIR/$stage/${CHECKPOINT:-checkpoint_best.pt}" --gen-subset "$subset" --beam "$BEAM" \
     --batch-size 64 --remove-bpe "${GEN_DEVICE[@]}" "${GEN[@]}" "$@" > "$log" 2>&1 \
@@ -79,7 +83,7 @@ generate_setting() {  # generate_setting STAGE SUBSET SETTING FLAGS...
 eval_stage() {  # eval_stage STAGE SUBSET   (EVAL_JOBS=k runs k settings at a time; default 1)
   local stage=$1 subset=$2
   [ -f "$RUN_DIR/$stage/${CHECKPOINT:-checkpoint_best.pt}" ] || { echo "error: $RUN_DIR/$stage/${CHECKPOINT:-checkpoint_best.pt} not found (train $stage first)" >&2; return 1; }
-  [ -z "${EVAL_SENTENCES:-}" ] || first_pairs_data_bin "$subset" "$EVAL_SENTENCES" > /dev/null || return 1
+  [ -z "${EVAL_SENTENCES:-}" ] || first_pairs_data_bin "$subset" "$EVAL_SENTENCES" || return 1
   local settings=("full|")
   case "$stage" in
     aligned|mixed-*)
