@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # Training and evaluation stages shared by the reproduction recipes (sourced, not run).
 # The recipe sets: REPO, DATA_BIN, RUN_DIR, MODEL=(arch flags), OPTIM=(optimizer flags),
-# LENGTH=(--max-epoch/--max-update ...), STAGE2_LENGTH=(...), DEVICE=(--cpu or --fp16 ...), GEN_DEVICE=(--cpu or nothing),
+# LENGTH=(--max-epoch/--max-update ... with --patience: stage 1 stops when valid loss stops improving),
+# STAGE2_LENGTH=(the estimator stage's cap), DEVICE=(--cpu or --fp16 ...), GEN_DEVICE=(--cpu or nothing),
 # BEAM, NUM_EXITS, GEN=(extra generate flags), THRESHOLDS="...", CONF_THRESHOLDS="...".
+#
+# The estimator stage (stage 2, §3) from the aligned model, to convergence on valid exit_loss:
+#   STAGE2_MODE=joint (default; the paper: L_dec + α L_exit back-propagated into the whole model) or
+#   frozen (--train-estimator-only: only the estimator trains, the stage-1 model and so the oracle stay
+#   fixed); --lr-scheduler fixed at STAGE2_LR (default 3e-4), the estimator at --estimator-lr-multiplier
+#   (default 10) times that; validation every STAGE2_VALIDATE updates (default 200), stop after
+#   STAGE2_PATIENCE (default 5) validations without a lower valid exit_loss, the best one kept.
 #
 # Stages (each resumable: rerunning continues from RUN_DIR/<stage>/checkpoint_last.pt):
 #   aligned | baseline-N (N decoder blocks, one exit) | mixed-M | <estimator>-<LL|C>
@@ -15,6 +23,22 @@
 
 COMMON=(--user-dir "$REPO/fairseq_dat" --task adaptive_translation --seed 1 --log-format simple
         --log-interval 50 --keep-last-epochs 10 --save-interval-updates 0)
+
+# stage_two_flags: the estimator stage's optimizer and stopping rule (see the header), into STAGE2_FLAGS
+stage_two_flags() {
+  local validate=${STAGE2_VALIDATE:-200}
+  STAGE2_FLAGS=(--lr-scheduler fixed --lr "${STAGE2_LR:-3e-4}" --warmup-updates 0
+                --estimator-lr-multiplier "${STAGE2_LR_MULTIPLIER:-10}"
+                --best-checkpoint-metric exit_loss --patience "${STAGE2_PATIENCE:-5}"
+                --validate-interval-updates "$validate" --save-interval-updates "$validate" --keep-interval-updates 1
+                --no-epoch-checkpoints)
+  case "${STAGE2_MODE:-joint}" in
+    joint) ;;
+    frozen) STAGE2_FLAGS+=(--train-estimator-only) ;;
+    *) echo "error: STAGE2_MODE must be joint or frozen, got '${STAGE2_MODE}'" >&2; return 1 ;;
+  esac
+}
+stage_two_flags || exit 1
 
 train_stage() {  # train_stage STAGE
   local stage=$1 dir="$RUN_DIR/$1" extra=()
@@ -34,7 +58,7 @@ train_stage() {  # train_stage STAGE
       fi
       extra=(--depth-estimator "$est" --criterion adaptive_label_smoothed_cross_entropy --depth-oracle "$oracle"
              --oracle-lambda "${LAMBDA:-0.1}" --oracle-sigma "${SIGMA:-0}" --exit-loss-alpha "${ALPHA:-1.0}"
-             "${init[@]}" "${STAGE2_LENGTH[@]}") ;;
+             "${init[@]}" "${STAGE2_LENGTH[@]}" "${STAGE2_FLAGS[@]}") ;;
     *) echo "error: unknown stage '$stage' (aligned, baseline-N, mixed-M, <estimator>-LL|C)" >&2; return 1 ;;
   esac
   mkdir -p "$dir"

@@ -23,10 +23,11 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
   DATA_BIN=${DATA_BIN:-$REPO/data-bin/iwslt14_de_en}; RUN_DIR=${RUN_DIR:-$REPO/../runs/iwslt14}
   MODEL=(--arch adaptive_transformer_iwslt_de_en)
-  LENGTH=(--max-update "${MAX_UPDATE:-50000}"); STAGE2_LENGTH=(--max-update "${STAGE2_UPDATES:-20000}" --lr 1e-4 --warmup-updates 1)
+  LENGTH=(--max-update "${MAX_UPDATE:-50000}"); STAGE2_LENGTH=(--max-update "${STAGE2_UPDATES:-20000}")  # a cap: stage 2 stops on valid exit_loss (stages.sh)
   DEVICE=(--fp16); GEN_DEVICE=(); GEN=(); NUM_EXITS=6
 fi
-[ -f "$DATA_BIN/dict.en.txt" ] || { echo "error: $DATA_BIN/dict.en.txt not found: run examples/iwslt14_de_en/prepare-full.sh (or prepare.sh for SMOKE=1)" >&2; exit 1; }
+DATA_BIN=${DATA:-$DATA_BIN}; RUN_DIR=${RUNS:-$RUN_DIR}  # any data / run directory
+[ -f "$DATA_BIN/dict.${TGT_LANG:-en}.txt" ] || { echo "error: $DATA_BIN/dict.${TGT_LANG:-en}.txt not found: run examples/iwslt14_de_en/prepare-full.sh (or prepare.sh for SMOKE=1)" >&2; exit 1; }
 OPTIM=(--optimizer adam --adam-betas '(0.9,0.98)' --clip-norm 3.0 --lr 5e-4 --lr-scheduler inverse_sqrt
        --warmup-updates 4000 --weight-decay 0.0001 --label-smoothing 0.1 --max-tokens 4096 --update-freq "${UPDATE_FREQ:-1}")
 BEAM=5

@@ -7,13 +7,13 @@
 set -euo pipefail
 ACTION=${1:?usage: reproduce.sh train|eval STAGE [SUBSET]}; STAGE=${2:?usage: reproduce.sh train|eval STAGE [SUBSET]}
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
-DATA_BIN=${DATA_BIN:-$REPO/data-bin/wmt14_en_fr}; RUN_DIR=${RUN_DIR:-$REPO/../runs/wmt14}
+DATA_BIN=${DATA:-${DATA_BIN:-$REPO/data-bin/wmt14_en_fr}}; RUN_DIR=${RUNS:-${RUN_DIR:-$REPO/../runs/wmt14}}
 [ -f "$DATA_BIN/dict.fr.txt" ] || { echo "error: $DATA_BIN/dict.fr.txt not found: run examples/wmt14_en_fr/prepare-full.sh" >&2; exit 1; }
 MODEL=(--arch adaptive_transformer_wmt_en_fr_big)
 OPTIM=(--optimizer adam --adam-betas '(0.9,0.98)' --clip-norm 3.0 --lr 7e-4 --lr-scheduler inverse_sqrt
        --warmup-updates 4000 --label-smoothing 0.1 --max-tokens 3584 --update-freq "${UPDATE_FREQ:-16}")
 LENGTH=(--max-update "${MAX_UPDATE:-50000}" --save-interval-updates 1000 --keep-interval-updates 10)
-STAGE2_LENGTH=(--max-update "${STAGE2_UPDATES:-10000}" --lr 1e-4 --warmup-updates 1)
+STAGE2_LENGTH=(--max-update "${STAGE2_UPDATES:-10000}")  # a cap: stage 2 stops on valid exit_loss (stages.sh)
 DEVICE=(--fp16); GEN_DEVICE=(); GEN=(--lenpen 0.6); BEAM=4; NUM_EXITS=6
 THRESHOLDS=${THRESHOLDS:-"0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8 0.9"}
 CONF_THRESHOLDS=${CONF_THRESHOLDS:-"0.5 0.7 0.8 0.9 0.95"}

@@ -129,10 +129,8 @@ class AdaptiveLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriter
     def aligned_loss(self, model, sample, target, weights):
         """Weighted mean of the N exits' losses from one forward pass (§2.2, Appendix A)."""
         decoder = _adaptive_decoder(model)
-        net_input = dict(sample["net_input"])
-        encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
-        _, extra = decoder(net_input["prev_output_tokens"], encoder_out=encoder_out, features_only=True,
-                           grad_scale=self.exit_grad_scale)
+        # through the model's own forward, so a DistributedDataParallel wrapper all-reduces the gradients
+        _, extra = model(**sample["net_input"], features_only=True, grad_scale=self.exit_grad_scale)
         total_w = sum(weights)
         loss = nll_loss = 0.0
         logs, lprobs_per_exit = {}, []
@@ -179,8 +177,10 @@ class AdaptiveLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriter
             oracle_exit_sum = ((oracle + 1) * mask).sum()
         loss = estimator_loss(log_q, oracle, mask)
         correct = estimator_correct_count(log_q, oracle, mask)
-        return loss, {"exit_loss": loss.data, "exit_correct": utils.item(correct),
-                      "exit_count": utils.item(count), "oracle_exit_sum": utils.item(oracle_exit_sum)}
+        logs = {"exit_loss": loss.data, "exit_correct": utils.item(correct),
+                "exit_count": utils.item(count), "oracle_exit_sum": utils.item(oracle_exit_sum)}
+        logs.update(oracle_histogram_logs(oracle, mask, decoder.num_layers))
+        return loss, logs
 
     def sample_exits(self, target, num_exits):
         """Uniform per-token exits 1..N (PAPER.md §1.2: the natural reading of "random exits").
@@ -189,23 +189,32 @@ class AdaptiveLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriter
         return torch.randint(1, num_exits + 1, target.shape, device=target.device)
 
     def mixed_loss(self, model, sample, target):
-        """Mean over M sampled exit sequences of the per-token loss at each token's exit (§2.2)."""
+        """Mean over M sampled exit sequences of the per-token loss at each token's exit (§2.2). The M
+        samples run as one batch through the model's forward (the encoder once); each exit's loss is
+        logged over the tokens that exited there (``loss_exit{n}``, ``ntokens_exit{n}``)."""
         decoder = _adaptive_decoder(model)
-        net_input = sample["net_input"]
-        encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
-        loss = nll_loss = 0.0
-        used = torch.zeros(decoder.num_layers, dtype=torch.bool)
-        for _ in range(self.mixed_samples):
-            exits = self.sample_exits(target, decoder.num_layers)
-            used[exits[target.ne(self.padding_idx)].unique().cpu() - 1] = True
-            logits, _ = decoder(net_input["prev_output_tokens"], encoder_out=encoder_out, exits=exits)
-            loss_m, nll_m = self.smoothed_loss(utils.log_softmax(logits, dim=-1), target)
-            loss = loss + loss_m / self.mixed_samples
-            nll_loss = nll_loss + nll_m / self.mixed_samples
+        num_exits, m = decoder.num_layers, self.mixed_samples
+        exits = torch.stack([self.sample_exits(target, num_exits) for _ in range(m)])  # M x B x T
+        logits, _ = model(**sample["net_input"], exits=exits)  # M*B x T x V
+        lprobs = utils.log_softmax(logits, dim=-1)
+        targets = target.repeat(m, 1)
+        tok_loss, tok_nll = label_smoothed_nll_loss(lprobs.view(-1, lprobs.size(-1)), targets.reshape(-1),
+                                                    self.eps, ignore_index=self.padding_idx, reduce=False)
+        tok_loss, tok_nll = tok_loss.view_as(targets), tok_nll.view_as(targets)
+        real = targets.ne(self.padding_idx)
+        flat_exits = exits.view_as(targets)
+        logs = {}
+        for n in range(1, num_exits + 1):
+            at_n = real & flat_exits.eq(n)
+            logs[f"loss_exit{n}"] = tok_loss[at_n].sum().data / m
+            logs[f"nll_loss_exit{n}"] = tok_nll[at_n].sum().data / m
+            logs[f"ntokens_exit{n}"] = utils.item(at_n.sum()) / m
+        loss, nll_loss = tok_loss.sum() / m, tok_nll.sum() / m
         # exits not drawn in this batch still join the graph (zero gradient): no DDP rank waits on them
-        loss = loss + 0.0 * sum(p.sum() for n in (~used).nonzero().flatten().tolist()
-                                for p in decoder.exit_projection(n + 1).parameters())
-        return loss, nll_loss, {}
+        drawn = set(flat_exits[real].unique().tolist())
+        loss = loss + 0.0 * sum(p.sum() for n in range(1, num_exits + 1) if n not in drawn
+                                for p in decoder.exit_projection(n).parameters())
+        return loss, nll_loss, logs
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
@@ -216,9 +225,18 @@ class AdaptiveLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriter
         while any(f"loss_exit{n}" in log for log in logging_outputs):
             loss_n = sum(log.get(f"loss_exit{n}", 0) for log in logging_outputs)
             nll_n = sum(log.get(f"nll_loss_exit{n}", 0) for log in logging_outputs)
-            metrics.log_scalar(f"loss_exit{n}", loss_n / sample_size / math.log(2), sample_size, round=3)
-            metrics.log_scalar(f"nll_loss_exit{n}", nll_n / ntokens / math.log(2), ntokens, round=3)
-            metrics.log_derived(f"ppl_exit{n}", lambda m, key=f"nll_loss_exit{n}": utils.get_perplexity(m[key].avg))
+            # aligned: every exit sees every token; mixed: exit n's loss is over the tokens that exited at n
+            size_n = tokens_n = ntokens
+            if any(f"ntokens_exit{n}" in log for log in logging_outputs):
+                size_n = tokens_n = sum(log.get(f"ntokens_exit{n}", 0) for log in logging_outputs)
+            else:
+                size_n = sample_size
+            if size_n > 0:
+                metrics.log_scalar(f"loss_exit{n}", loss_n / size_n / math.log(2), size_n, round=3)
+            if tokens_n > 0:
+                metrics.log_scalar(f"nll_loss_exit{n}", nll_n / tokens_n / math.log(2), tokens_n, round=3)
+                metrics.log_derived(f"ppl_exit{n}",
+                                    lambda m, key=f"nll_loss_exit{n}": utils.get_perplexity(m[key].avg))
             n += 1
         count = sum(log.get("exit_count", 0) for log in logging_outputs)
         if count > 0:
@@ -228,6 +246,44 @@ class AdaptiveLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriter
             metrics.log_scalar("exit_acc", 100.0 * correct / count, count, round=2)
             oracle_sum = sum(log.get("oracle_exit_sum", 0) for log in logging_outputs)
             metrics.log_scalar("oracle_ae", oracle_sum / count, count, round=3)
+            log_oracle_histogram(logging_outputs)
+
+
+def oracle_histogram_logs(oracle: torch.Tensor, mask: Optional[torch.Tensor], num_exits: int) -> dict:
+    """How often the oracle picks each exit in this batch (``oracle_count{n}``, 1-based n): what
+    ``exit_majority`` and ``oracle_entropy`` are computed from."""
+    picked = oracle if mask is None else oracle[mask & oracle.ge(0)]
+    hist = torch.bincount(picked.flatten().clamp(min=0), minlength=num_exits)
+    return {f"oracle_count{n}": utils.item(hist[n - 1]) for n in range(1, num_exits + 1)}
+
+
+def log_oracle_histogram(logging_outputs) -> None:
+    """Beside ``exit_acc`` and ``exit_loss`` (§3), what an estimator that ignores its input reaches:
+    ``exit_majority`` (%), the share of the oracle's most frequent exit (the accuracy of always
+    predicting it), and ``oracle_entropy`` (bits), the cross-entropy of always predicting the oracle's
+    exit distribution. Both are over the whole split (or log interval): the histogram is summed first."""
+    n = 1
+    while any(f"oracle_count{n}" in log for log in logging_outputs):
+        metrics.log_scalar_sum(f"oracle_count{n}", sum(log.get(f"oracle_count{n}", 0) for log in logging_outputs))
+        n += 1
+    num_exits = n - 1
+    if num_exits == 0:
+        return
+
+    def histogram(meters):
+        return [meters[f"oracle_count{k}"].sum for k in range(1, num_exits + 1)]
+
+    def majority(meters):
+        hist = histogram(meters)
+        return round(100.0 * max(hist) / max(sum(hist), 1), 2)
+
+    def entropy(meters):
+        hist = histogram(meters)
+        total = max(sum(hist), 1)
+        return round(-sum(c / total * math.log2(c / total) for c in hist if c > 0), 3)
+
+    metrics.log_derived("exit_majority", majority)
+    metrics.log_derived("oracle_entropy", entropy)
 
 
 def check_criterion_flags(exit_training, mixed_samples, exit_grad_scale, depth_oracle, oracle_lambda,
