@@ -4,16 +4,18 @@ Importing this package (``--user-dir fairseq_dat`` or ``import fairseq_dat``) re
 - the model ``adaptive_transformer`` and its architectures (``models/adaptive_transformer.py``),
 - the criterion ``adaptive_label_smoothed_cross_entropy`` (``criterions/``),
 - the task ``adaptive_translation`` with the exit-aware generator (``tasks/``, ``sequence_generator.py``).
+
+It also lets fairseq's own checkpoint loading unpickle fairseq checkpoints under torch >= 2.6
+(``checkpoint_loading.py``: scoped to fairseq's loader, ``torch.load`` elsewhere stays safe), and, in
+a fairseq command-line run only, prints a :class:`~fairseq_dat.errors.ConfigError` as one line
+(``errors.py``). Nothing else in the process changes.
 """
-import os
+from .checkpoint_loading import allow_fairseq_checkpoints
+from .errors import install_excepthook, launched_by_fairseq_cli
 
-# torch >= 2.6 loads checkpoints with weights_only=True, which rejects the argparse.Namespace that
-# fairseq pickles into every checkpoint. Must be set before fairseq loads any checkpoint.
-os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-
-from .errors import install_excepthook  # noqa: E402
-
-install_excepthook()
+allow_fairseq_checkpoints()
+if launched_by_fairseq_cli():
+    install_excepthook()
 
 from . import models, criterions, tasks  # noqa: E402,F401  (registration side effects)
 

@@ -13,13 +13,34 @@ vocabulary V, N blocks, source length |x| and 1-based target position t:
 - the output projection 2 V d.
 
 A token exiting at q(t) costs q(t)·FC + (N − q(t))·FS + FP + 2Vd; the full-depth baseline is
-N·FC + 2Vd. ``decoder_flops`` sums a sentence, ``flops_per_token`` averages a corpus.
+N·FC + 2Vd. ``decoder_flops`` sums a sentence, ``flops_per_token`` averages a corpus, and
+``exit_rule`` names the FP rule of a decoding setting (every tool that counts FLOPs asks it).
 """
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Tuple
+from typing import Iterable, Optional, Sequence, Tuple
 
 #: the exit rules the FLOPs model distinguishes (Appendix B), by their ``--depth-estimator`` names
 ESTIMATOR_COSTS = ("none", "sequence", "token-multinomial", "token-geometric", "confidence")
+
+#: the FP rule of each trained ``--depth-estimator``; the Poisson-binomial estimators (not in the
+#: paper) project onto N values like their multinomial counterparts, so they cost the same
+ESTIMATOR_RULES = {"sequence": "sequence", "sequence-poisson-binomial": "sequence",
+                   "token-multinomial": "token-multinomial", "token-poisson-binomial": "token-multinomial",
+                   "token-geometric": "token-geometric"}
+
+
+def exit_rule(strategy: str, estimator: Optional[str] = None) -> str:
+    """The FP rule of a decoding setting (``--exit-strategy``): ``confidence`` thresholding, the
+    checkpoint's depth ``estimator`` for ``estimator``, and ``none`` for the settings that predict
+    nothing (full depth, fixed or uniform exits)."""
+    if strategy == "confidence":
+        return "confidence"
+    if strategy != "estimator":
+        return "none"
+    if estimator not in ESTIMATOR_RULES:
+        raise ValueError(f"no exit-prediction cost for depth estimator {estimator!r}; expected one of "
+                         f"{', '.join(ESTIMATOR_RULES)}")
+    return ESTIMATOR_RULES[estimator]
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,10 @@ time-major states (T, B, C) must be transposed to (B, T, ·) before meeting thes
 
 Conventions
 -----------
-* Exits are 0-based indices 0..N−1 (index i = "run blocks 1..i+1 and emit with C_{i+1}"); the depth
-  penalty uses the paper's 1-based depth n = i + 1, i.e. the penalty is λ·(i + 1).
+* Oracles return 0-based exit *indices* i = 0..N−1, the class index of the estimators' N-way output
+  (index i = block n = i + 1: "run blocks 1..n and emit with C_n"); the depth penalty uses the paper's
+  1-based depth n = i + 1, i.e. λ·(i + 1). Everything user-facing (flags, logs, ``hypo["exits"]``)
+  counts exits as 1-based blocks n.
 * ``mask`` is a bool (B, T) tensor, True on real target tokens (``target.ne(pad)``).
 * Ties (equal penalised scores) go to the **shallower** exit: it is cheaper and nothing says it is worse.
   This matters for correctness scores, which are integers and often tie (e.g. λ = 0).

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import multi30k_bpe_text
+from fairseq_dat.exit_summary import ExitSummary, parse_exit_summary
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -41,6 +42,16 @@ def tiny_data(tmp_path_factory):
     return tmp
 
 
+def exit_summary_after_bleu(output: str, subset="test") -> ExitSummary:
+    """The ``Adaptive exits`` line that follows fairseq-generate's BLEU line, parsed."""
+    lines = output.splitlines()
+    bleu = [i for i, line in enumerate(lines) if line.startswith(f"Generate {subset} with beam=")]
+    summaries = [parse_exit_summary(line) for line in lines[bleu[0] + 1:]] if bleu else []
+    summaries = [s for s in summaries if s is not None]
+    assert summaries, output[-2000:]
+    return summaries[0]
+
+
 TRAIN_ARGS = ["--user-dir", REPO / "fairseq_dat", "--task", "adaptive_translation", "--arch",
               "adaptive_transformer_tiny", "--criterion", "adaptive_label_smoothed_cross_entropy",
               "--label-smoothing", "0.1", "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "2000",
@@ -63,9 +74,8 @@ def test_train_two_stages_then_generate_with_exit_threshold(tiny_data):
               "--path", stage2 / "checkpoint_last.pt", "--beam", "3", "--batch-size", "8", "--max-len-b", "10",
               "--cpu", "--exit-threshold", "0.5", "--print-exits", "--remove-bpe").stdout
     lines = gen.splitlines()
-    bleu = [i for i, l in enumerate(lines) if l.startswith("Generate test with beam=3: BLEU4")]
-    summary = [i for i, l in enumerate(lines) if l.startswith("Adaptive exits (N=3): AE=")]
-    assert bleu and summary and summary[0] > bleu[0], gen[-2000:]
+    summary = exit_summary_after_bleu(gen)
+    assert summary.num_exits == 3 and summary.tokens == sum(summary.exit_hist) > 0
     hyps = {l.split("\t")[0][2:]: l for l in lines if l.startswith("H-")}
     exits = {l.split("\t")[0][2:]: l.split("\t")[1].split() for l in lines if l.startswith("E-")}
     assert len(hyps) == len(exits) == 24
@@ -73,8 +83,7 @@ def test_train_two_stages_then_generate_with_exit_threshold(tiny_data):
         n_tokens = len(line.split("\t")[2].split()) if len(line.split("\t")) > 2 else 0
         assert all(e in {"1", "2", "3"} for e in exits[sid])
         assert len(exits[sid]) >= n_tokens  # one exit per output token, EOS included (BPE merged in H)
-    ae = float(re.search(r"AE=([0-9.]+)", lines[summary[0]]).group(1))
-    assert 1.0 <= ae <= 3.0
+    assert 1.0 <= summary.average_exit <= 3.0
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +107,7 @@ def test_every_estimator_and_oracle_trains_and_decodes(tiny_data, stage1_checkpo
     gen = run("fairseq-generate", data, "--user-dir", REPO / "fairseq_dat", "--task", "adaptive_translation",
               "--path", save / "checkpoint_last.pt", "--beam", "2", "--batch-size", "8", "--max-len-b", "5",
               "--cpu", "--exit-threshold", "0.5").stdout
-    assert re.search(r"BLEU4 = [0-9.]+[\s\S]*Adaptive exits \(N=3\): AE=[0-9.]+", gen), gen[-1500:]
+    assert exit_summary_after_bleu(gen).num_exits == 3
 
 
 def test_fixed_exit_and_bad_flags_on_the_command_line(tiny_data):
@@ -107,7 +116,8 @@ def test_fixed_exit_and_bad_flags_on_the_command_line(tiny_data):
     common = ["--user-dir", REPO / "fairseq_dat", "--task", "adaptive_translation", "--path",
               ckpt_dir / "checkpoint_last.pt", "--beam", "2", "--batch-size", "8", "--max-len-b", "5", "--cpu"]
     out = run("fairseq-generate", data, *common, "--fixed-exit", "1").stdout
-    assert "Adaptive exits (N=3): AE=1.0000" in out
+    summary = exit_summary_after_bleu(out)
+    assert (summary.num_exits, summary.average_exit, summary.exit_hist[1:]) == (3, 1.0, (0, 0))
     for flags, needle in ((["--fixed-exit", "7"], "--fixed-exit must be in 1..3"),
                           (["--exit-threshold", "nan"], "--exit-threshold"),
                           (["--exit-threshold", "0.5"], "--exit-threshold needs a checkpoint with a trained depth estimator")):

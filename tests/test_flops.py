@@ -16,7 +16,8 @@ tokens exiting at blocks 1 then 2.
 """
 import pytest
 
-from fairseq_dat.flops import DecoderDims, decoder_flops, flops_per_token
+from fairseq_dat.flops import DecoderDims, decoder_flops, exit_rule, flops_per_token
+from fairseq_dat.modules.depth_estimators import build_depth_estimator
 from helpers import tiny_model
 
 DIMS = DecoderDims(num_layers=2, embed_dim=2, ffn_dim=3, encoder_dim=5, vocab=7)
@@ -44,6 +45,22 @@ def test_bad_exit_and_rule_are_rejected():
         decoder_flops(DIMS, [3], src_len=3)
     with pytest.raises(ValueError, match="unknown exit rule"):
         decoder_flops(DIMS, [1], src_len=3, estimator="oracle")
+
+
+@pytest.mark.parametrize("estimator, rule", [
+    ("sequence", "sequence"), ("sequence-poisson-binomial", "sequence"), ("token-multinomial", "token-multinomial"),
+    ("token-poisson-binomial", "token-multinomial"), ("token-geometric", "token-geometric")])
+def test_every_trained_estimator_has_an_exit_rule(estimator, rule):
+    name = build_depth_estimator(estimator, input_dim=4, num_exits=3).name  # the names checkpoints carry
+    assert exit_rule("estimator", name) == rule
+    assert decoder_flops(DIMS, [1, 2], src_len=3, estimator=exit_rule("estimator", name)) > 0
+
+
+def test_exit_rule_of_settings_without_an_estimator():
+    assert exit_rule("confidence") == "confidence"
+    assert [exit_rule(s) for s in ("full", "fixed", "uniform")] == ["none"] * 3
+    with pytest.raises(ValueError, match="no exit-prediction cost for depth estimator None"):
+        exit_rule("estimator", None)
 
 
 def test_dims_read_from_a_real_model():

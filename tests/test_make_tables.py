@@ -10,6 +10,7 @@ import pytest
 
 from fairseq_dat.cli import exit_analysis, make_tables
 from fairseq_dat.errors import ConfigError
+from fairseq_dat.exit_summary import ExitSummary, parse_exit_summary
 from fairseq_dat.flops import DecoderDims, decoder_flops
 
 DIMS = {"num_layers": 6, "embed_dim": 16, "ffn_dim": 32, "encoder_dim": 16, "vocab": 50}
@@ -29,10 +30,9 @@ def generate_log(path, subset, bleu, n=6, exits=None, with_lines=False, complete
         lines.append(f"Generate {subset} with beam=5: BLEU4 = {bleu:.2f}, 60.1/40.2/30.3/20.4 "
                      "(BP=1.000, ratio=1.000, syslen=100, reflen=100)")
     if exits is not None:
-        hist = [exits.count(e) for e in range(1, n + 1)]
+        hist = tuple(exits.count(e) for e in range(1, n + 1))
         ae = sum(exits) / len(exits)
-        lines.append(f"Adaptive exits (N={n}): AE={ae:.4f} tokens={len(exits)} exits=[{','.join(map(str, hist))}] "
-                     f"compute_AE={ae:.4f} rows={5 * len(exits)}")
+        lines.append(ExitSummary(n, ae, hist, ae, 5 * len(exits)).line())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
@@ -126,6 +126,29 @@ def test_empty_run_dir_is_all_not_run_and_bad_logs_are_named(tmp_path):
     generate_log(tmp_path / "runs" / "aligned" / "generate-valid-exit1.log", "test", 30.0)
     with pytest.raises(ConfigError, match=r"generate-valid-exit1.log: named for subset 'valid' but its BLEU line is"):
         make_tables.main([str(tmp_path / "runs"), "--out", str(tmp_path / "R.md")])
+
+
+def test_exit_summary_line_round_trips():
+    summary = ExitSummary(num_exits=4, average_exit=1.75, exit_hist=(2, 1, 0, 1), compute_average_exit=2.0625,
+                          rows=16)
+    line = summary.line()
+    assert line == "Adaptive exits (N=4): AE=1.7500 tokens=4 exits=[2,1,0,1] compute_AE=2.0625 rows=16"
+    assert parse_exit_summary(f"2026-01-01 | INFO | x\n{line}\nmore") == summary
+    assert parse_exit_summary("Adaptive exits (N=4): AE=") is None
+
+
+def test_table_columns_follow_the_depth_in_the_logs(tmp_path):
+    """A 4-block decoder: Table 1 has n=1..4 and Avg over them; the paper's n=1..4 stand beside ours."""
+    root = tmp_path / "runs"
+    for n in range(1, 5):
+        generate_log(root / "aligned" / f"generate-valid-exit{n}.log", "valid", 30.0 + n, n=4, exits=[n] * 5)
+    with contextlib.redirect_stdout(io.StringIO()):
+        text = make_tables.main([str(root), "--out", str(tmp_path / "R.md")])
+    t1 = text.split("### Table 1")[1].split("###")[0]
+    assert "| Uniform | n=1 | n=2 | n=3 | n=4 | Avg |" in t1 and "n=5" not in t1
+    assert table_row(text, "Table 1: aligned vs mixed training (valid BLEU)", "Aligned (ω=1)") == [
+        "not run / 35.5", "31.00 / 34.1", "32.00 / 35.5", "33.00 / 35.8", "34.00 / 36.1", "32.50 / 35.6"]
+    assert "- Aligned (ω=1), Avg: `mean of n=1..4`" in text
 
 
 def test_exit_analysis_parses_exit_and_score_lines(tmp_path, capsys):

@@ -178,6 +178,14 @@ def test_calibrate_cli_line_matches_its_valid_and_test_decodes(search):
     assert "Pareto front, valid" in stdout and "full depth (reference)" in stdout
 
 
+def test_setting_labels_round_trip():
+    """The names of settings in log files and tables (read back by make_tables) name one setting each."""
+    for setting in (ts.FULL_DEPTH, ts.Setting("uniform"), ts.Setting("fixed", fixed_exit=3),
+                    ts.Setting("estimator", "0.5"), ts.Setting("confidence", "0.2,0.9")):
+        assert ts.Setting.from_label(setting.label) == setting
+    assert [ts.Setting.from_label(label) for label in ("thr", "exit", "best")] == [None, None, None]
+
+
 def test_random_draws_and_buckets():
     draws = ts.random_settings("confidence", 5, 7, seed=3)
     assert draws == ts.random_settings("confidence", 5, 7, seed=3) and len(set(draws)) == 7

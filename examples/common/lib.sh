@@ -7,6 +7,66 @@ COMMON="$REPO/examples/common"
 log() { echo "[$(basename "$0") $(date +%H:%M:%S)] $*"; }
 die() { echo "$(basename "$0"): error: $*" >&2; exit 1; }
 
+# usage: the calling script's header comment (line 2 up to `set -euo pipefail`), without the '#'.
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+
+# parse_args MAX_POSITIONAL SPEC... -- "$@": a prepare script's command line.
+#   SPEC "--flag=VAR"        an option with a value: `--flag V`, `--flag=V` or `VAR=V` sets VAR
+#   SPEC "--flag=VAR:VALUE"  a switch: `--flag` or `VAR=VALUE` sets VAR to VALUE
+# -h/--help prints the header comment (usage) and exits; an unknown option, an option without its
+# value or more than MAX_POSITIONAL positional arguments stop with a one-line error. The positional
+# arguments are left in the array POS.
+parse_args() {
+    local max_positional=$1 spec flag var value matched
+    local -a specs=()
+    shift
+    while [[ $# -gt 0 && "$1" != -- ]]; do specs+=("$1"); shift; done
+    [[ $# -gt 0 ]] && shift  # the --
+    POS=()
+    while [[ $# -gt 0 ]]; do
+        matched=0
+        for spec in "${specs[@]}"; do
+            flag="${spec%%=*}"; var="${spec#*=}"
+            if [[ "$var" == *:* ]]; then  # a switch
+                value="${var#*:}"; var="${var%%:*}"
+                if [[ "$1" == "$flag" || "$1" == "$var=$value" ]]; then printf -v "$var" '%s' "$value"; matched=1; break; fi
+            elif [[ "$1" == "$flag" ]]; then
+                [[ $# -ge 2 ]] || die "$flag needs a value (see --help)"
+                printf -v "$var" '%s' "$2"; shift; matched=1; break
+            elif [[ "$1" == "$flag="* || "$1" == "$var="* ]]; then
+                printf -v "$var" '%s' "${1#*=}"; matched=1; break
+            fi
+        done
+        if [[ $matched == 0 ]]; then
+            case "$1" in
+                -h|--help) usage; exit 0 ;;
+                -*) die "unknown option $1 (see --help)" ;;
+                *) POS+=("$1") ;;
+            esac
+        fi
+        shift
+    done
+    [[ ${#POS[@]} -le $max_positional ]] || die "too many arguments: ${POS[*]} (see --help)"
+}
+
+# data_dirs SUBDIR DEFAULT_OUT: the positional arguments [SHARED_DATA_DIR] [OUT_DIR] of a prepare script
+# that reads staged corpora: SHARED (default <repo>/../shared/data), SRC=SHARED/SUBDIR, OUT (absolute,
+# default <repo>/data-bin/DEFAULT_OUT) and BPE_DIR, OUT's sibling OUT.bpe for the text.
+data_dirs() {
+    SHARED="$(abspath "${POS[0]:-$REPO/../shared/data}")"
+    SRC="$SHARED/$1"
+    OUT="$(abspath "${POS[1]:-$REPO/data-bin/$2}")"
+    OUT="${OUT%/}"
+    BPE_DIR="$(dirname "$OUT")/$(basename "$OUT").bpe"
+}
+
+# need_count NAME MIN: stop unless the variable NAME holds an integer >= MIN (MIN is 0 or 1).
+need_count() {
+    local pattern='^[0-9]+$' what="a non-negative integer"
+    if [[ "$2" == 1 ]]; then pattern='^[1-9][0-9]*$'; what="a positive integer"; fi
+    [[ "${!1}" =~ $pattern ]] || die "$1 must be $what, got '${!1}'"
+}
+
 # need_file FILE...: stop with a one-line error naming the first missing input.
 need_file() {
     local f

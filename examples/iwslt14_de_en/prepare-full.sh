@@ -37,18 +37,7 @@ NPROC="$(nproc 2>/dev/null || echo 2)"
 JOBS="${JOBS:-$NPROC}"
 WORKERS="${WORKERS:-$NPROC}"
 JOINED_DICT="${JOINED_DICT:-1}"
-POS=()
-while [[ $# -gt 0 ]]; do
-    case "$1" in
-        --test-only) TEST_ONLY=1; shift ;;
-        --no-binarize) BINARIZE=0; shift ;;
-        --force|FORCE=1) FORCE=1; shift ;;
-        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        -*) die "unknown option $1 (see --help)" ;;
-        *) POS+=("$1"); shift ;;
-    esac
-done
-[[ ${#POS[@]} -le 2 ]] || die "too many arguments: ${POS[*]} (see --help)"
+parse_args 2 --test-only=TEST_ONLY:1 --no-binarize=BINARIZE:0 --force=FORCE:1 -- "$@"
 export FORCE
 
 # fairseq's current script downloads from dl.fbaipublicfiles.com; the original (2019) one from

@@ -33,26 +33,11 @@ source "$HERE/../common/lib.sh"
 LIMIT="${LIMIT:-0}"
 FORCE="${FORCE:-0}"
 WORKERS="${WORKERS:-2}"
-POS=()
-while [[ $# -gt 0 ]]; do
-    case "$1" in
-        --limit) LIMIT="$2"; shift 2 ;;
-        --limit=*|LIMIT=*) LIMIT="${1#*=}"; shift ;;
-        --force|FORCE=1) FORCE=1; shift ;;
-        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        -*) die "unknown option $1 (see --help)" ;;
-        *) POS+=("$1"); shift ;;
-    esac
-done
-[[ ${#POS[@]} -le 2 ]] || die "too many arguments: ${POS[*]} (see --help)"
-[[ "$LIMIT" =~ ^[0-9]+$ ]] || die "LIMIT must be a non-negative integer, got '$LIMIT'"
+parse_args 2 --limit=LIMIT --force=FORCE:1 -- "$@"
+need_count LIMIT 0
 export FORCE
 
-SHARED="$(abspath "${POS[0]:-$REPO/../shared/data}")"
-OUT="$(abspath "${POS[1]:-$REPO/data-bin/iwslt14_de_en_sample}")"
-OUT="${OUT%/}"
-BPE_DIR="$(dirname "$OUT")/$(basename "$OUT").bpe"
-SRC="$SHARED/iwslt14-de-en"
+data_dirs iwslt14-de-en iwslt14_de_en_sample
 
 if out_dir_done "$OUT"; then exit 0; fi
 

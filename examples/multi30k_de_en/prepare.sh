@@ -30,29 +30,12 @@ LIMIT="${LIMIT:-0}"
 BPE_MERGES="${BPE_MERGES:-8000}"
 FORCE="${FORCE:-0}"
 WORKERS="${WORKERS:-2}"
-POS=()
-while [[ $# -gt 0 ]]; do
-    case "$1" in
-        --limit) LIMIT="$2"; shift 2 ;;
-        --limit=*|LIMIT=*) LIMIT="${1#*=}"; shift ;;
-        --merges) BPE_MERGES="$2"; shift 2 ;;
-        --merges=*|BPE_MERGES=*) BPE_MERGES="${1#*=}"; shift ;;
-        --force|FORCE=1) FORCE=1; shift ;;
-        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        -*) die "unknown option $1 (see --help)" ;;
-        *) POS+=("$1"); shift ;;
-    esac
-done
-[[ ${#POS[@]} -le 2 ]] || die "too many arguments: ${POS[*]} (see --help)"
-[[ "$LIMIT" =~ ^[0-9]+$ ]] || die "LIMIT must be a non-negative integer, got '$LIMIT'"
-[[ "$BPE_MERGES" =~ ^[1-9][0-9]*$ ]] || die "BPE_MERGES must be a positive integer, got '$BPE_MERGES'"
+parse_args 2 --limit=LIMIT --merges=BPE_MERGES --force=FORCE:1 -- "$@"
+need_count LIMIT 0
+need_count BPE_MERGES 1
 export FORCE
 
-SHARED="$(abspath "${POS[0]:-$REPO/../shared/data}")"
-OUT="$(abspath "${POS[1]:-$REPO/data-bin/multi30k_de_en}")"
-OUT="${OUT%/}"
-BPE_DIR="$(dirname "$OUT")/$(basename "$OUT").bpe"
-SRC="$SHARED/multi30k-de-en"
+data_dirs multi30k-de-en multi30k_de_en
 
 if out_dir_done "$OUT"; then exit 0; fi
 

@@ -31,16 +31,7 @@ NPROC="$(nproc 2>/dev/null || echo 2)"
 JOBS="${JOBS:-$NPROC}"
 WORKERS="${WORKERS:-$NPROC}"
 BPE_TOKENS="${BPE_TOKENS:-40000}"
-POS=()
-while [[ $# -gt 0 ]]; do
-    case "$1" in
-        --no-binarize) BINARIZE=0; shift ;;
-        --force|FORCE=1) FORCE=1; shift ;;
-        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        -*) die "unknown option $1 (see --help)" ;;
-        *) POS+=("$1"); shift ;;
-    esac
-done
+parse_args 2 --no-binarize=BINARIZE:0 --force=FORCE:1 -- "$@"
 export FORCE
 
 URLS=(

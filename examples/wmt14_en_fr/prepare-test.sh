@@ -23,19 +23,8 @@ source "$HERE/../common/lib.sh"
 FORCE="${FORCE:-0}"
 JOBS="${JOBS:-2}"
 DICT_DIR=""
-POS=()
-while [[ $# -gt 0 ]]; do
-    case "$1" in
-        --dict) DICT_DIR="$2"; shift 2 ;;
-        --dict=*) DICT_DIR="${1#*=}"; shift ;;
-        --force|FORCE=1) FORCE=1; shift ;;
-        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        -*) die "unknown option $1 (see --help)" ;;
-        *) POS+=("$1"); shift ;;
-    esac
-done
+parse_args 3 --dict=DICT_DIR --force=FORCE:1 -- "$@"
 [[ ${#POS[@]} -ge 1 ]] || die "BPE_CODES is required (see --help)"
-[[ ${#POS[@]} -le 3 ]] || die "too many arguments: ${POS[*]} (see --help)"
 
 CODES="$(abspath "${POS[0]}")"
 SHARED="$(abspath "${POS[1]:-$REPO/../shared/data}")"

@@ -8,13 +8,13 @@ include; this is the same operation for the checkpoints ``fairseq-train`` writes
 import argparse
 import os
 import re
-import sys
 
 import torch
 
-import fairseq_dat  # noqa: F401  (sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD before checkpoints load)
+import fairseq_dat  # noqa: F401  (lets fairseq's checkpoint_utils unpickle checkpoints: checkpoint_loading.py)
 from fairseq import checkpoint_utils
 
+from . import run_main
 from ..errors import ConfigError
 
 PATTERNS = {"updates": re.compile(r"checkpoint_\d+_(\d+)\.pt$"), "epochs": re.compile(r"checkpoint(\d+)\.pt$")}
@@ -63,7 +63,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as err:
-        sys.exit(f"average_checkpoints: error: {err}")
+    run_main(main)

@@ -22,7 +22,8 @@ from typing import Dict, Optional
 
 import torch
 
-from ..errors import ConfigError, install_excepthook
+from . import run_main
+from ..errors import ConfigError
 
 VALID_LINE = re.compile(r"\| valid on '([^']+)' subset \| (.*)$")
 
@@ -105,7 +106,6 @@ def verdict(report: Dict[str, dict], valid: Optional[Dict[str, float]], min_marg
 
 
 def main(argv=None):
-    install_excepthook()
     p = argparse.ArgumentParser(prog="python -m fairseq_dat.cli.estimator_check", description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="checkpoint of an estimator stage (--depth-estimator …)")
     p.add_argument("--train-log", help="that stage's fairseq-train log (valid lines with exit_acc, exit_majority)")
@@ -124,4 +124,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

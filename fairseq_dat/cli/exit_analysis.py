@@ -21,10 +21,10 @@ per bin) and ``DIR/exit_analysis.json`` (the counts), and prints the tables.
 """
 import argparse
 import json
-import logging
 import os
 from typing import List, Optional, Sequence, Tuple
 
+from . import quiet_root_logger, run_main
 from ..errors import ConfigError
 from .make_tables import GenerateLog, parse_generate_log
 
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
-    logging.getLogger().setLevel(logging.WARNING)  # importing fairseq leaves the root logger at DEBUG
+    quiet_root_logger()
     for flag, value in (("--position-bins", args.position_bins), ("--confidence-bins", args.confidence_bins)):
         if value < 1:
             raise ConfigError(f"{flag} must be a positive integer, got {value}")
@@ -160,4 +160,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -13,17 +13,19 @@ Reads (the layout ``examples/common/stages.sh`` writes):
   flags), ``exit<n>`` (``--fixed-exit n``), ``uniform`` (a random exit per token), ``thr<T>``
   (``--exit-threshold T``) or ``conf<T>`` (``--exit-strategy confidence --exit-threshold T``).
   Used: the ``Generate <subset> with beam=…: BLEU4 = …`` line, the ``Adaptive exits (N=…): AE=…``
-  line and, for FLOPs and exit histograms, the ``E-``/``P-``/``S-`` lines.
+  line (``fairseq_dat/exit_summary.py``) and, for FLOPs and exit histograms, the ``E-``/``P-``/``S-`` lines.
 - ``RUN_DIR/<model>/*.json`` written by ``fairseq_dat.cli.threshold_search --out`` (``"tool":
   "threshold_search"``): BLEU/AE/FLOPs points, and the model's sizes, estimator and oracle.
 - ``RUN_DIR/<model>/model.json`` (optional, ``threshold_search DATA --path CKPT --describe-model
   --out RUN_DIR/<model>/model.json``): sizes for the FLOPs of generate logs, estimator and oracle.
 
 Writes ``--out`` with the shapes of Table 1 (valid BLEU: baseline per N, aligned, mixed M = 1, 3, 6;
-columns Uniform, n = 1..6, Avg), Appendix Table 2 (ω variants, valid and test), Appendix Table 3
+columns Uniform, n = 1..N, Avg), Appendix Table 2 (ω variants, valid and test), Appendix Table 3
 (γ variants), and the operating points of Figures 3 and 5 (BLEU vs AE per estimator × oracle).
-Every cell is ``ours / paper``: ours is measured (the log it came from is listed under the table)
-or ``not run``; the paper's numbers are the ``PAPER_*`` dicts below (PAPER.md §2). PNGs in
+N is the largest decoder depth in the run's logs (their ``Adaptive exits (N=…)`` lines) or
+threshold_search JSONs, the paper's 6 when none says. Every cell is ``ours / paper``: ours is
+measured (the log it came from is listed under the table) or ``not run``; the paper's numbers
+(IWSLT14 De-En, N = 6; "–" beyond its 6 blocks) are the ``PAPER_*`` dicts below. PNGs in
 ``--plots-dir``: BLEU vs AE and BLEU vs FLOPs (Appendix B, ``fairseq_dat/flops.py``) per subset,
 and exit histograms.
 
@@ -36,23 +38,24 @@ counted in words: it only enters the 4|x|d terms, a few percent of a block's cos
 import argparse
 import glob
 import json
-import logging
 import math
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from . import quiet_root_logger, run_main
+from .threshold_search import Setting
 from ..errors import ConfigError
-from ..flops import DecoderDims, decoder_flops
+from ..exit_summary import parse_exit_summary
+from ..flops import DecoderDims, decoder_flops, exit_rule
 
 # ----------------------------------------------------------------------------------------------
-# the paper's numbers (PAPER.md §2; Elbayad et al. 2020, Table 1, Appendix Tables 2-3, §4 text)
+# the paper's numbers (Elbayad et al. 2020, Table 1, Appendix Tables 2-3, §4 text)
 # ----------------------------------------------------------------------------------------------
 
-#: columns of Table 1 and Appendix Tables 2-3: Uniform, n=1..6, Avg
-COLUMNS = ["Uniform"] + [f"n={n}" for n in range(1, 7)] + ["Avg"]
-NUM_EXITS = 6
+#: the paper's IWSLT decoder depth; its rows below are Uniform, n=1..6, Avg
+PAPER_NUM_EXITS = 6
 
 #: Table 1, IWSLT14 De-En valid BLEU; None = "–" in the paper
 PAPER_TABLE1 = {
@@ -127,9 +130,6 @@ ESTIMATOR_LABELS = {"token-geometric": "geometric-like", "geometric": "geometric
                     "token-multinomial": "multinomial", "sequence": "Seq", "token-poisson-binomial":
                     "Poisson-binomial", "sequence-poisson-binomial": "Seq Poisson-binomial"}
 ORACLE_LABELS = {"likelihood": "LL", "correctness": "C", "LL": "LL", "C": "C"}
-FLOPS_RULES = {"sequence": "sequence", "sequence-poisson-binomial": "sequence",
-               "token-multinomial": "token-multinomial", "token-poisson-binomial": "token-multinomial",
-               "token-geometric": "token-geometric", "geometric": "token-geometric"}
 
 LOG_NAME = re.compile(r"^generate-(?P<subset>[^-]+)-(?P<setting>.+)\.log$")
 
@@ -138,8 +138,6 @@ LOG_NAME = re.compile(r"^generate-(?P<subset>[^-]+)-(?P<setting>.+)\.log$")
 # ----------------------------------------------------------------------------------------------
 
 BLEU_LINE = re.compile(r"^Generate (?P<subset>\S+) with beam=(?P<beam>\d+): (?P<text>BLEU4 = (?P<bleu>[0-9.]+).*)$")
-AE_LINE = re.compile(r"Adaptive exits \(N=(?P<n>\d+)\): AE=(?P<ae>\S+) tokens=(?P<tokens>\d+) "
-                     r"exits=\[(?P<hist>[0-9,]*)\] compute_AE=(?P<cae>\S+) rows=(?P<rows>\d+)")
 ID_LINE = re.compile(r"^(?P<kind>[SHEP])-(?P<id>\d+)\t(?P<rest>.*)$")  # E-<id>_<step> (history) is skipped
 
 
@@ -184,10 +182,10 @@ def _parse_line(log: GenerateLog, line: str):
         log.subset, log.beam = m.group("subset"), int(m.group("beam"))
         log.bleu, log.bleu_string = float(m.group("bleu")), m.group("text")
         return
-    m = AE_LINE.search(line)
-    if m and log.ae is None:
-        log.num_exits, log.ae, log.compute_ae = int(m.group("n")), _float(m.group("ae")), _float(m.group("cae"))
-        log.exit_hist = [int(c) for c in m.group("hist").split(",") if c]
+    summary = parse_exit_summary(line) if log.ae is None else None
+    if summary is not None:
+        log.num_exits, log.ae, log.compute_ae = summary.num_exits, summary.average_exit, summary.compute_average_exit
+        log.exit_hist = list(summary.exit_hist)
 
 
 def _parse_sentence_line(log: GenerateLog, kind: str, sid: int, rest: str):
@@ -201,13 +199,6 @@ def _parse_sentence_line(log: GenerateLog, kind: str, sid: int, rest: str):
             log.scores.setdefault(sid, [float(v) for v in rest.split()])
     except ValueError:
         raise ConfigError(f"{where} is not a list of numbers: {rest[:60]!r}") from None
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        return float("nan")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,6 +220,7 @@ class Measurement:
     flops: Optional[float] = None
     exit_hist: List[int] = field(default_factory=list)
     role: str = "log"  # log, or threshold_search's role (reference, search, front-test, ...)
+    num_exits: Optional[int] = None  # the decoder's N, where the log or JSON says it
 
 
 @dataclass
@@ -237,6 +229,13 @@ class RunDir:
     measurements: List[Measurement] = field(default_factory=list)
     models: Dict[str, dict] = field(default_factory=dict)  # model dir → model info (dims, estimator, …)
     incomplete: List[str] = field(default_factory=list)  # logs without a BLEU line
+
+    @property
+    def num_exits(self) -> int:
+        """N of the tables: the deepest decoder measured, else the paper's."""
+        depths = [m.num_exits for m in self.measurements if m.num_exits] + [
+            info["num_exits"] for info in self.models.values() if info.get("num_exits")]
+        return max(depths, default=PAPER_NUM_EXITS)
 
     def get(self, model: str, subset: str, setting: str) -> Optional[Measurement]:
         """The generate log of (model, subset, setting), else the same setting decoded by
@@ -297,6 +296,7 @@ def search_measurements(model: str, rel: str, data: dict) -> List[Measurement]:
     """Points of a threshold_search JSON: full depth, the valid Pareto front, fixed exits and every
     test-subset point (front-test, calibration); the other searched points only feed the plots."""
     front = set(data.get("pareto", []))
+    num_exits = (data.get("model") or {}).get("num_exits")
     out = []
     for p in data.get("points", []):
         role = p.get("role", "search")
@@ -305,13 +305,13 @@ def search_measurements(model: str, rel: str, data: dict) -> List[Measurement]:
         elif role == "search":
             role = "front"
         out.append(Measurement(model, p["subset"], p["setting"], p["bleu"], rel, p.get("ae"), p.get("compute_ae"),
-                               p.get("flops_per_token"), p.get("exit_hist", []), role))
+                               p.get("flops_per_token"), p.get("exit_hist", []), role, num_exits))
     return out
 
 
 def log_measurement(model: str, setting: str, log: GenerateLog, rel: str, info: Optional[dict]) -> Measurement:
     return Measurement(model, log.subset, setting, log.bleu, rel, log.ae, log.compute_ae,
-                       log_flops(log, setting, info), log.exit_hist)
+                       log_flops(log, setting, info), log.exit_hist, num_exits=log.num_exits)
 
 
 def log_flops(log: GenerateLog, setting: str, info: Optional[dict]) -> Optional[float]:
@@ -319,7 +319,10 @@ def log_flops(log: GenerateLog, setting: str, info: Optional[dict]) -> Optional[
     if not info or "dims" not in info or not log.scores:
         return None
     dims = DecoderDims(**info["dims"])
-    rule = flops_rule_of(setting, info.get("estimator"))
+    try:
+        rule = exit_rule(strategy_of(setting) or "unknown", info.get("estimator"))
+    except ValueError:  # thresholds of a model whose estimator the JSON does not name
+        return None
     total = tokens = 0
     for sid, scores in log.scores.items():
         exits = sentence_exits(log, sid, setting, len(scores), dims.num_layers)
@@ -331,21 +334,22 @@ def log_flops(log: GenerateLog, setting: str, info: Optional[dict]) -> Optional[
     return total / tokens if tokens else None
 
 
+def strategy_of(label: str) -> Optional[str]:
+    """``--exit-strategy`` of a setting label (full, uniform, fixed, estimator, confidence), else None."""
+    setting = Setting.from_label(label)
+    return setting.strategy if setting is not None else None
+
+
 def sentence_exits(log: GenerateLog, sid: int, setting: str, length: int, num_layers: int) -> Optional[List[int]]:
+    """1-based exits of a sentence's tokens: its E- line, else those its setting fixes."""
     if sid in log.exits:
         return log.exits[sid]
-    if setting == "full":
+    decoded = Setting.from_label(setting)
+    if decoded is not None and decoded.strategy == "full":
         return [num_layers] * length
-    m = re.fullmatch(r"exit(\d+)", setting)
-    return [int(m.group(1))] * length if m else None
-
-
-def flops_rule_of(setting: str, estimator: Optional[str]) -> str:
-    if setting.startswith("conf"):
-        return "confidence"
-    if setting.startswith("thr"):
-        return FLOPS_RULES.get(estimator or "", "token-geometric")
-    return "none"
+    if decoded is not None and decoded.strategy == "fixed":
+        return [decoded.fixed_exit] * length
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,27 +360,38 @@ def flops_rule_of(setting: str, estimator: Optional[str]) -> str:
 @dataclass
 class Cell:
     value: Optional[float]
-    source: Optional[str]  # a log (relative to RUN_DIR), "mean of n=1..6", or None: not run
+    source: Optional[str]  # a log (relative to RUN_DIR), "mean of n=1..N", or None: not run
     paper: Optional[float]
 
 
+def columns(num_exits: int) -> List[str]:
+    """Table 1 and Appendix Tables 2-3: Uniform, n=1..N, Avg."""
+    return ["Uniform"] + [f"n={n}" for n in range(1, num_exits + 1)] + ["Avg"]
+
+
+def paper_exit_value(paper: Sequence[Optional[float]], n: int) -> Optional[float]:
+    """The paper's number for exit n (its rows are Uniform, n=1..6, Avg); None beyond its 6 blocks."""
+    return paper[n] if n <= PAPER_NUM_EXITS else None
+
+
 def table_cells(run: RunDir, model: str, subset: str, paper: Sequence[Optional[float]]) -> List[Cell]:
-    """Uniform, n=1..6, Avg of one row. For "baseline", n = the baseline-<n> model at full depth."""
+    """Uniform, n=1..N, Avg of one row. For "baseline", n = the baseline-<n> model at full depth."""
+    num_exits = run.num_exits
     cells = [_measured(run, model, subset, "uniform", paper[0]) if model != "baseline" else Cell(None, None, None)]
-    for n in range(1, NUM_EXITS + 1):
-        cells.append(_exit_cell(run, model, subset, n, paper[n]))
+    for n in range(1, num_exits + 1):
+        cells.append(_exit_cell(run, model, subset, n, num_exits, paper_exit_value(paper, n)))
     exits = cells[1:]
     if all(c.value is not None for c in exits):
-        cells.append(Cell(sum(c.value for c in exits) / NUM_EXITS, "mean of n=1..6", paper[-1]))
+        cells.append(Cell(sum(c.value for c in exits) / num_exits, f"mean of n=1..{num_exits}", paper[-1]))
     else:
         cells.append(Cell(None, None, paper[-1]))
     return cells
 
 
-def _exit_cell(run: RunDir, model: str, subset: str, n: int, paper: Optional[float]) -> Cell:
+def _exit_cell(run: RunDir, model: str, subset: str, n: int, num_exits: int, paper: Optional[float]) -> Cell:
     if model == "baseline":  # the N=n baseline decodes at its full depth
         return _first(run, [(f"baseline-{n}", "full"), (f"baseline-{n}", f"exit{n}")], subset, paper)
-    candidates = [(model, f"exit{n}")] + ([(model, "full")] if n == NUM_EXITS else [])
+    candidates = [(model, f"exit{n}")] + ([(model, "full")] if n == num_exits else [])
     return _first(run, candidates, subset, paper)
 
 
@@ -402,13 +417,14 @@ def format_cell(cell: Cell) -> str:
 
 def render_table(title: str, run: RunDir, rows, subset: str, paper: Dict[str, list], first_col: str) -> str:
     """A markdown table (cells ``ours / paper``) and the list of the logs each measured cell came from."""
-    lines = [f"### {title}", "", "| " + " | ".join([first_col] + COLUMNS) + " |",
-             "|" + "---|" * (len(COLUMNS) + 1)]
+    names = columns(run.num_exits)
+    lines = [f"### {title}", "", "| " + " | ".join([first_col] + names) + " |",
+             "|" + "---|" * (len(names) + 1)]
     sources = []
     for label, model in rows:
         cells = table_cells(run, model, subset, paper[label])
         lines.append("| " + " | ".join([label] + [format_cell(c) for c in cells]) + " |")
-        sources += [f"- {label}, {col}: `{c.source}`" for col, c in zip(COLUMNS, cells)
+        sources += [f"- {label}, {col}: `{c.source}`" for col, c in zip(names, cells)
                     if c.value is not None and c.source]
     lines += ["", f"Cells: ours / paper ({subset} BLEU). Sources:" if sources else
               f"Cells: ours / paper ({subset} BLEU). Nothing measured yet."]
@@ -423,9 +439,10 @@ def render_table(title: str, run: RunDir, rows, subset: str, paper: Dict[str, li
 def method_label(model: str, setting: str, info: Optional[dict]) -> Optional[str]:
     """The paper's names: Tok-C geometric-like, Seq-LL, confidence thresholding; None for a
     non-adaptive setting (full depth, fixed exits, uniform)."""
-    if setting.startswith("conf"):
+    strategy = strategy_of(setting)
+    if strategy == "confidence":
         return "Confidence thresholding"
-    if not setting.startswith("thr"):
+    if strategy != "estimator":
         return None
     estimator, oracle = (info or {}).get("estimator"), (info or {}).get("depth_oracle")
     m = re.fullmatch(r"(?P<est>.+)-(?P<oracle>LL|C)", model)
@@ -491,7 +508,7 @@ def curves(run: RunDir, subset: str, cost: str) -> Dict[str, List[Tuple[float, f
         if m.subset != subset or m.role == "search-dominated":
             continue
         x = m.flops if cost == "flops" else m.ae
-        fixed = re.fullmatch(r"exit(\d+)|full", m.setting)
+        fixed = strategy_of(m.setting) in ("fixed", "full")
         if cost == "ae" and m.model.startswith("baseline-") and m.setting == "full":
             x = float(m.model.split("-")[1])
         if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -529,7 +546,7 @@ def plot_exit_histograms(run: RunDir, model: str, subset: str, path: str, limit:
     """Share of tokens per exit for up to ``limit`` adaptive settings of one model and subset."""
     hists = [(m.setting, m.exit_hist) for m in run.measurements
              if m.model == model and m.subset == subset and m.role in ("log", "front", "front-test")
-             and sum(m.exit_hist) > 0 and not re.fullmatch(r"exit\d+|full", m.setting)][:limit]
+             and sum(m.exit_hist) > 0 and strategy_of(m.setting) not in ("fixed", "full")][:limit]
     if not hists:
         return False
     plt = _pyplot()
@@ -574,7 +591,8 @@ def write_plots(run: RunDir, plots_dir: str) -> List[str]:
 def render(run: RunDir, plots: Sequence[str], out_dir: str) -> str:
     parts = [f"# Results: `{run.root}`", "",
              "Generated by `python -m fairseq_dat.cli.make_tables`. Each cell: ours / the paper's (IWSLT14 "
-             "De-En, PAPER.md §2). `not run`: no log for that cell; `–`: no number in the paper.", "",
+             "De-En, Elbayad et al. 2020, Table 1 and Appendix Tables 2-3). `not run`: no log for that cell; "
+             "`–`: no number in the paper.", "",
              render_table("Table 1: aligned vs mixed training (valid BLEU)", run, TABLE1_ROWS, "valid",
                           PAPER_TABLE1, "")]
     for subset in ("valid", "test"):
@@ -606,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
     args = build_parser().parse_args(argv)
-    logging.getLogger().setLevel(logging.WARNING)  # importing fairseq leaves the root logger at DEBUG
+    quiet_root_logger()
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise ConfigError(f"--out: directory {out_dir} does not exist")
@@ -620,4 +638,4 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

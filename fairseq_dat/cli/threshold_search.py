@@ -1,7 +1,7 @@
 """Search exit thresholds τ on the valid set: BLEU against cost (Elbayad et al., ICLR 2020).
 
 The paper tunes the per-block thresholds of confidence thresholding by **random search** (§3,
-"confidence thresholding"; PAPER.md §1.3): draw τ ~ U(0,1)^{N−1} K times, decode the valid set with
+"confidence thresholding"): draw τ ~ U(0,1)^{N−1} K times (10,000 in the paper), decode the valid set with
 each draw, record BLEU and cost, and keep in every cost bucket the τ with the best BLEU. The
 geometric-like halting thresholds τ_n can be tuned the same way (§3.2: "τ_n … tuned on the valid
 set"). Cost is the average exit AE (the paper's speed metric), together with ``compute_AE`` (every
@@ -23,9 +23,10 @@ full-depth valid BLEU − ``--max-bleu-drop``, decodes the test subset with it a
 prints ``CALIBRATION threshold=… valid_drop=… test_drop=… held=yes|no ae=…`` (ae: test AE).
 
 How decoding matches ``fairseq-generate … --remove-bpe`` exactly: the checkpoint is loaded once, the
-batches are built once as ``task.get_batch_iterator`` builds them (same seed, batch size, order), the
-generator is built by fairseq's ``FairseqTask.build_generator`` with fairseq's generation defaults,
-and BLEU is fairseq's own scorer fed as ``fairseq_cli/generate.py`` feeds it (``score_like_generate``).
+batches are fairseq-generate's (``task.get_batch_iterator``: same seed, batch size, order;
+``generate_like.generate_batches``), the generator is built by fairseq's ``FairseqTask.build_generator``
+with fairseq's generation defaults, and BLEU is fairseq's own scorer fed as ``fairseq_cli/generate.py``
+feeds it (``generate_like.GenerateBleu``).
 Each batch's encoder runs **once** for all settings (``EncoderReuseEnsembleModel``): the loop is
 batch-major, every setting's generator decodes the batch from the same memoized encoder output.
 
@@ -38,11 +39,10 @@ front-test (``--front-on-test``) or calibration. Setting labels follow make_tabl
 ``full``, ``exit{n}``, ``thr{T}`` (estimator), ``conf{T}`` (confidence).
 """
 import argparse
-import copy
 import json
-import logging
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -53,20 +53,17 @@ import numpy as np
 import torch
 
 import fairseq_dat  # noqa: F401  (registers the plugin before any checkpoint is loaded)
-from fairseq import checkpoint_utils, utils
-from fairseq.data import data_utils
+from fairseq import checkpoint_utils
 from fairseq.dataclass.configs import GenerationConfig
-from fairseq.scoring import bleu
 from fairseq.tasks import FairseqTask
 
+from . import quiet_root_logger, run_main
+from .generate_like import GenerateBleu, generate_batches
 from ..errors import ConfigError
-from ..flops import DecoderDims, decoder_flops
+from ..exit_summary import ExitSummary
+from ..flops import DecoderDims, decoder_flops, exit_rule
+from ..modules.depth_estimators import single_threshold
 from ..sequence_generator import AdaptiveEnsembleModel, AdaptiveSequenceGenerator
-
-#: Appendix-B exit-prediction cost rule of each depth estimator (flops.ESTIMATOR_COSTS)
-FLOPS_RULES = {"sequence": "sequence", "sequence-poisson-binomial": "sequence",
-               "token-multinomial": "token-multinomial", "token-poisson-binomial": "token-multinomial",
-               "token-geometric": "token-geometric"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,23 +75,37 @@ FLOPS_RULES = {"sequence": "sequence", "sequence-poisson-binomial": "sequence",
 class Setting:
     """One decoding configuration: ``strategy`` as ``--exit-strategy``, with its threshold or exit."""
 
-    strategy: str  # full | fixed | estimator | confidence
+    strategy: str  # full | fixed | estimator | confidence | uniform
     threshold: Optional[str] = None  # "0.5" or N−1 comma-separated values
-    fixed_exit: Optional[int] = None
+    fixed_exit: Optional[int] = None  # 1-based block
 
     @property
     def label(self) -> str:
-        """The make_tables setting name: full, exit{n}, thr{T} or conf{T}."""
-        if self.strategy == "full":
-            return "full"
+        """The setting's name in file names and tables: full, uniform, exit{n}, thr{T} or conf{T}."""
+        if self.strategy in ("full", "uniform"):
+            return self.strategy
         if self.strategy == "fixed":
             return f"exit{self.fixed_exit}"
-        return ("thr" if self.strategy == "estimator" else "conf") + self.threshold
+        return LABEL_PREFIXES[self.strategy] + self.threshold
+
+    @classmethod
+    def from_label(cls, label: str) -> Optional["Setting"]:
+        """The setting a label names (``generate-<subset>-<label>.log`` of the recipes), else None."""
+        if label in ("full", "uniform"):
+            return cls(label)
+        m = re.fullmatch(r"exit(\d+)", label)
+        if m:
+            return cls("fixed", fixed_exit=int(m.group(1)))
+        for strategy, prefix in LABEL_PREFIXES.items():
+            if label.startswith(prefix) and len(label) > len(prefix):
+                return cls(strategy, label[len(prefix):])
+        return None
 
     def generator_kwargs(self) -> dict:
         return {"exit_strategy": self.strategy, "exit_threshold": self.threshold, "fixed_exit": self.fixed_exit}
 
 
+LABEL_PREFIXES = {"estimator": "thr", "confidence": "conf"}
 FULL_DEPTH = Setting("full")
 
 
@@ -102,16 +113,13 @@ def format_thresholds(values: Sequence[float]) -> str:
     return ",".join(f"{v:.4g}" for v in values)
 
 
-def parse_sweep_values(text: str) -> List[float]:
-    """``--thresholds 0.1,0.2``: each value in [0, 1]."""
+def parse_sweep_values(text: str, flag: str = "--thresholds") -> List[float]:
+    """``--thresholds 0.1,0.2``: comma-separated values, each one ``--exit-threshold`` for every block
+    (checked by the ``--exit-threshold`` parser, ``depth_estimators.single_threshold``)."""
     try:
-        values = [float(part) for part in text.replace(",", " ").split()]
+        return [single_threshold(part, "sweep") for part in text.split(",")]
     except ValueError:
-        raise ConfigError(f"--thresholds must be numbers in [0, 1] separated by commas, got {text!r}") from None
-    bad = [v for v in values if not 0.0 <= v <= 1.0]  # also rejects NaN
-    if not values or bad:
-        raise ConfigError(f"--thresholds must be numbers in [0, 1] separated by commas, got {text!r}")
-    return values
+        raise ConfigError(f"{flag} must be numbers in [0, 1] separated by commas, got {text!r}") from None
 
 
 def sweep_settings(strategy: str, values: Sequence[float]) -> List[Setting]:
@@ -138,11 +146,8 @@ def threshold_arity(decoder, strategy: str) -> int:
 
 
 def flops_rule(setting: Setting, decoder) -> str:
-    if setting.strategy == "confidence":
-        return "confidence"
-    if setting.strategy == "estimator":
-        return FLOPS_RULES[decoder.depth_estimator.name]
-    return "none"
+    estimator = decoder.depth_estimator.name if decoder.depth_estimator is not None else None
+    return exit_rule(setting.strategy, estimator)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,43 +209,6 @@ class SearchGenerator(AdaptiveSequenceGenerator):
 
 
 # ----------------------------------------------------------------------------------------------
-# BLEU exactly as fairseq-generate
-# ----------------------------------------------------------------------------------------------
-
-
-def symbols_to_strip(generator) -> set:
-    """Mirrors ``fairseq_cli.generate.get_symbols_to_strip_from_output``."""
-    return getattr(generator, "symbols_to_strip_from_output", {generator.eos})
-
-
-def score_like_generate(scorer, score_dict, generator, sample, hypos, post_process: Optional[str]):
-    """Add the best hypothesis of every sentence to fairseq's BLEU ``scorer`` as
-    ``fairseq_cli/generate.py`` does (no ``--bpe``/``--tokenizer``, no ``--replace-unk``).
-
-    ``score_dict`` is a copy of the target dictionary: generate.py's ``encode_line(...,
-    add_if_not_exist=True)`` adds unseen words to the dictionary it is given; the copy keeps the
-    model's dictionary (and the FLOPs vocabulary size) unchanged. Ids only need to be consistent
-    within the scorer, so the BLEU is the same."""
-    strip = symbols_to_strip(generator)
-    for i in range(sample["id"].numel()):
-        target_tokens = utils.strip_pad(sample["target"][i, :], score_dict.pad()).int().cpu()
-        target_str = score_dict.string(target_tokens, post_process, escape_unk=True, extra_symbols_to_ignore=strip)
-        hypo = hypos[i][0]
-        hypo_tokens, hypo_str, _ = utils.post_process_prediction(
-            hypo_tokens=hypo["tokens"].int().cpu(), src_str="", alignment=hypo["alignment"], align_dict=None,
-            tgt_dict=score_dict, remove_bpe=post_process, extra_symbols_to_ignore=strip)
-        if post_process is not None:
-            target_tokens = score_dict.encode_line(target_str, add_if_not_exist=True)
-            hypo_tokens = score_dict.encode_line(hypo_str, add_if_not_exist=True)
-        scorer.add(target_tokens, hypo_tokens)
-
-
-def new_scorer(dictionary):
-    """fairseq's ``scoring.build_scorer("bleu", tgt_dict)``."""
-    return bleu.Scorer(bleu.BleuConfig(pad=dictionary.pad(), eos=dictionary.eos(), unk=dictionary.unk()))
-
-
-# ----------------------------------------------------------------------------------------------
 # decoding
 # ----------------------------------------------------------------------------------------------
 
@@ -248,17 +216,17 @@ def new_scorer(dictionary):
 class SettingRun:
     """One setting's generator and its running totals (BLEU statistics, FLOPs, time)."""
 
-    def __init__(self, setting: Setting, generator, scorer, dims: DecoderDims, rule: str):
+    def __init__(self, setting: Setting, generator, scorer: GenerateBleu, dims: DecoderDims, rule: str):
         self.setting, self.generator, self.scorer = setting, generator, scorer
         self.dims, self.rule = dims, rule
         self.flops = self.tokens = self.sentences = 0
         self.seconds = 0.0
 
-    def decode(self, models, sample, score_dict, post_process):
+    def decode(self, models, sample):
         start = time.perf_counter()
         hypos = self.generator.generate(models, sample)
         self.seconds += time.perf_counter() - start
-        score_like_generate(self.scorer, score_dict, self.generator, sample, hypos, post_process)
+        self.scorer.add_batch(sample, hypos)
         for i, src_len in enumerate(sample["net_input"]["src_lengths"].tolist()):
             exits = hypos[i][0]["exits"].tolist()
             self.flops += decoder_flops(self.dims, exits, src_len, self.rule)
@@ -274,7 +242,7 @@ class SettingRun:
                 "flops_per_token": self.flops / self.tokens if self.tokens else float("nan"),
                 "flops_rule": self.rule, "tokens": self.tokens, "sentences": self.sentences,
                 "exit_hist": [int(c) for c in stats.token_hist], "decode_seconds": round(self.seconds, 3),
-                "exit_summary": f"Adaptive exits (N={self.generator.num_exits}): {stats.summary()}"}
+                "exit_summary": ExitSummary.of_stats(stats).line()}
 
 
 def generation_config(beam: int, lenpen: float, max_len_a: float, max_len_b: int, min_len: int):
@@ -300,26 +268,26 @@ class SearchSession:
         self.memo = EncoderMemo()
 
     def batches(self, subset: str, flag: str) -> list:
-        return build_batches(self.task, self.models, subset, flag, self.batch_size, self.max_tokens,
-                             self.max_sentences, self.seed)
+        """fairseq-generate's batches of ``subset`` (``--max-sentences`` N: the sentences with id < N)."""
+        return generate_batches(self.task, self.models, load_subset(self.task, subset, flag), self.batch_size,
+                                self.max_tokens, first_n=self.max_sentences, seed=self.seed)
 
     def build_run(self, setting: Setting) -> SettingRun:
         extra = dict(setting.generator_kwargs(), encoder_memo=self.memo)
         generator = FairseqTask.build_generator(self.task, self.models, self.gen, seq_gen_cls=SearchGenerator,
                                                 extra_gen_cls_kwargs=extra)
-        return SettingRun(setting, generator, new_scorer(self.task.target_dictionary), self.dims,
-                          flops_rule(setting, self.decoder))
+        scorer = GenerateBleu.for_generator(generator, self.task.target_dictionary, self.post_process)
+        return SettingRun(setting, generator, scorer, self.dims, flops_rule(setting, self.decoder))
 
     def evaluate(self, subset: str, flag: str, settings: Sequence[Setting], roles: Sequence[str],
                  progress: bool = False) -> List[dict]:
         """Decode ``subset`` with every setting, batch-major (one encoder pass per batch)."""
         batches = self.batches(subset, flag)
         runs = [self.build_run(s) for s in settings]
-        score_dict = copy.deepcopy(self.task.target_dictionary)
         with torch.no_grad():
             for b, sample in enumerate(batches):
                 for run in runs:
-                    run.decode(self.models, sample, score_dict, self.post_process)
+                    run.decode(self.models, sample)
                 if progress:
                     print(f"  {subset}: batch {b + 1}/{len(batches)} decoded with {len(runs)} settings",
                           file=sys.stderr, flush=True)
@@ -344,29 +312,13 @@ def load_checkpoint(data: str, path: str):
     return models, cfg, task
 
 
-def build_batches(task, models, subset: str, flag: str, batch_size, max_tokens, max_sentences, seed) -> list:
-    """The batches ``fairseq-generate --gen-subset subset --batch-size … --max-tokens …`` decodes,
-    in its order (``FairseqTask.get_batch_iterator``: epoch 1, ``numpy_seed(seed + 1)``, size
-    filter, ``batch_by_size`` with the multiple 1 that ``adaptive_translation`` uses for every split
-    but the training one: fairseq's default 8 drops the last ``len % 8`` sentences).
-    ``max_sentences`` keeps only the sentences with id < max_sentences."""
+def load_subset(task, subset: str, flag: str):
+    """``task.dataset(subset)``, loaded; a missing split is a one-line error naming ``flag``."""
     try:
         task.load_dataset(subset)
     except (FileNotFoundError, ConfigError) as err:  # adaptive_translation raises ConfigError itself
         raise ConfigError(f"{flag} {subset}: {err}") from None
-    dataset = task.dataset(subset)
-    dataset.set_epoch(1)
-    with data_utils.numpy_seed(seed + 1):
-        indices = dataset.ordered_indices()
-    max_positions = utils.resolve_max_positions(task.max_positions(), *[m.max_positions() for m in models])
-    indices = task.filter_indices_by_size(indices, dataset, max_positions, ignore_invalid_inputs=False)
-    if max_sentences:
-        indices = indices[indices < max_sentences]
-    if max_tokens is None and batch_size is None:
-        max_tokens = 12000  # fairseq-generate's default
-    batches = dataset.batch_by_size(indices, max_tokens=max_tokens, max_sentences=batch_size,
-                                    required_batch_size_multiple=1)
-    return [dataset.collater([dataset[i] for i in batch]) for batch in batches]
+    return task.dataset(subset)
 
 
 def describe_model(model, cfg) -> dict:
@@ -574,13 +526,13 @@ def run_calibration(session: SearchSession, args, search: List[dict], reference:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
-    logging.getLogger().setLevel(logging.WARNING)  # importing fairseq leaves the root logger at DEBUG
+    quiet_root_logger()
     check_args(args)
     post_process = None if args.remove_bpe in ("none", "") else args.remove_bpe
     gen = generation_config(args.beam, args.lenpen, args.max_len_a, args.max_len_b, args.min_len)
     session = SearchSession(args.data, args.path, gen, args.batch_size, args.max_tokens, args.max_sentences,
                             args.seed, post_process)
-    logging.getLogger().setLevel(logging.WARNING)  # loading a checkpoint through hydra turns on DEBUG
+    quiet_root_logger()
     if args.describe_model:
         write_json(args.out, {"tool": "threshold_search", "model": session.describe_model()})
         return {}
@@ -630,4 +582,4 @@ def _json_default(value):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

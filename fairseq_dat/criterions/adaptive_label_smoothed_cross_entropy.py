@@ -183,7 +183,8 @@ class AdaptiveLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriter
         return loss, logs
 
     def sample_exits(self, target, num_exits):
-        """Uniform per-token exits 1..N (PAPER.md §1.2: the natural reading of "random exits").
+        """Uniform per-token exits 1..N (§2.2, mixed training: the paper samples "random exits" without
+        naming a distribution; uniform is its natural reading).
         Drawn from torch's RNG, which fairseq seeds from --seed and the update number, so runs are
         reproducible, resumable, and every data-parallel rank draws from the same seed."""
         return torch.randint(1, num_exits + 1, target.shape, device=target.device)
@@ -271,7 +272,7 @@ def log_oracle_histogram(logging_outputs) -> None:
         return
 
     def histogram(meters):
-        return [meters[f"oracle_count{k}"].sum for k in range(1, num_exits + 1)]
+        return [float(meters[f"oracle_count{k}"].sum) for k in range(1, num_exits + 1)]  # tensors after all-reduce
 
     def majority(meters):
         hist = histogram(meters)
