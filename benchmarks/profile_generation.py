@@ -1,14 +1,26 @@
 #!/usr/bin/env python
-"""Where the time of exit-aware beam search goes: cProfile (cumulative time per function) of one
-decoding setting, next to fairseq's own generator on the same batches.
+"""Where the time of exit-aware beam search goes, and what the lean decoder step changes.
 
+Two modes:
+
+    # a trained checkpoint on real batches: total time next to fairseq's generator, then cProfile
     python benchmarks/profile_generation.py DATA --path CKPT [--exit-threshold T | --fixed-exit K]
-        [--exit-strategy S] [--exit-kv deferred|eager] [--batches 4] [--batch-size 64] [--beam 5]
+        [--exit-strategy S] [--exit-kv deferred|eager] [--decoder-step lean|fairseq]
+        [--batches 4] [--batch-size 64] [--beam 5]
 
-Prints the total time of each generator, then the functions of the plugin and fairseq's search
-with their cumulative seconds (share of our total), so the gap to the stock generator / the
-truncated limit can be attributed (block calls by path, K/V materialization, exit decisions,
-beam search bookkeeping).
+    # equality on a whole test set: fairseq's generator vs ours on both block steps (no profile)
+    python benchmarks/profile_generation.py DATA --path CKPT --compare [--batches 0] [...]
+
+    # speed only: a model of the demo shape with random weights built here (no data, no checkpoint)
+    python benchmarks/profile_generation.py --random-model [--batch-size 64] [--beam 5] [--threads 2]
+
+``--random-model`` prints (1) decoding tokens/s of fairseq's ``SequenceGenerator``, of ours at full
+depth through fairseq's layers (``--decoder-step fairseq``, without and with ``--fixed-exit N``) and
+through the lean step, and of uniformly random token exits on both steps, on the same batches, in
+one process, with their ratios (the uniform rows emit different tokens: compare their times); (2) the cost of one
+call of one decoder block against the number of rows that run it (the others exited: the copy
+rule's keys/values still cover every row), before (fairseq's layer path) and after (lean step).
+Random weights: the hypotheses are meaningless, only the times are.
 """
 import argparse
 import cProfile
@@ -17,44 +29,213 @@ import time
 
 import fairseq_dat  # noqa: F401  (registers the plugin, lets fairseq checkpoints load)
 import torch
-from fairseq import checkpoint_utils, utils
+from fairseq import checkpoint_utils, options, utils
+from fairseq.data import Dictionary
 from fairseq.sequence_generator import SequenceGenerator
+from fairseq.tasks.translation import TranslationTask
 
+from fairseq_dat.exit_policy import ExitPolicy
 from fairseq_dat.sequence_generator import AdaptiveSequenceGenerator
+
+# the demo model's shape (examples/multi30k_de_en): 3 encoder + 6 decoder blocks, width 128
+DEMO_SHAPE = ["--encoder-layers", "3", "--decoder-layers", "6", "--encoder-embed-dim", "128",
+              "--decoder-embed-dim", "128", "--encoder-ffn-embed-dim", "512", "--decoder-ffn-embed-dim", "512",
+              "--encoder-attention-heads", "4", "--decoder-attention-heads", "4"]
+ROWS = (1, 2, 8, 64, 320)
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data")
-    p.add_argument("--path", required=True)
+    p.add_argument("data", nargs="?")
+    p.add_argument("--path")
+    p.add_argument("--random-model", action="store_true", help="demo-shape model with random weights (speed only)")
+    p.add_argument("--vocab", type=int, default=3000, help="--random-model: dictionary size")
+    p.add_argument("--src-len", type=int, default=14, help="--random-model: source length")
+    p.add_argument("--tgt-len", type=int, default=16, help="--random-model: decoding steps (min = max length)")
     p.add_argument("--subset", default="test")
     p.add_argument("--exit-threshold", default=None)
     p.add_argument("--exit-strategy", default="auto")
     p.add_argument("--fixed-exit", type=int, default=None)
     p.add_argument("--exit-kv", default="deferred", choices=("deferred", "eager"))
+    p.add_argument("--decoder-step", default="lean", choices=("lean", "fairseq"))
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="timed passes per generator (best is kept)")
     p.add_argument("--top", type=int, default=30)
-    return p.parse_args()
+    p.add_argument("--only", choices=("speed", "blocks"), help="--random-model: one of the two reports")
+    p.add_argument("--compare", action="store_true",
+                   help="checkpoint: compare hypotheses instead of profiling: fairseq's SequenceGenerator vs "
+                        "ours at full depth on both --decoder-step paths, and lean vs fairseq layers under the "
+                        "exit flags given (--batches 0: the whole subset)")
+    args = p.parse_args()
+    if not args.random_model and (args.data is None or args.path is None):
+        p.error("DATA and --path are required unless --random-model")
+    return args
 
 
-def main():
-    args = parse_args()
-    torch.set_num_threads(args.threads)
+# ---- a random demo-shape model ---------------------------------------------------------------------
+
+
+def random_model(vocab: int):
+    torch.manual_seed(1)
+    d = Dictionary()
+    for i in range(vocab - d.nspecial):
+        d.add_symbol(f"w{i}")
+    d.finalize(padding_factor=1)
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, ["/dev/null", "--task", "translation", "--arch",
+                                                "adaptive_transformer", *DEMO_SHAPE])
+    task = TranslationTask(args, d, d)
+    return task.build_model(args).eval(), d
+
+
+def random_batches(d: Dictionary, n: int, bsz: int, src_len: int):
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(n):
+        src = torch.randint(d.nspecial, len(d), (bsz, src_len), generator=g)
+        lengths = torch.randint(src_len // 2, src_len + 1, (bsz,), generator=g)
+        for i, length in enumerate(lengths.tolist()):  # left padding, as fairseq's LanguagePairDataset
+            src[i, : src_len - length] = d.pad()
+        src[:, -1] = d.eos()
+        batches.append({"id": torch.arange(bsz), "net_input": {"src_tokens": src, "src_lengths": lengths}})
+    return batches
+
+
+def timed_round_robin(generators, model, batches, repeats: int):
+    """Best of ``repeats`` passes of each generator, the generators taking turns (so that a change
+    of machine load hits all of them): [(seconds, output tokens of the best hypotheses)]."""
+    best, tokens = [float("inf")] * len(generators), [0] * len(generators)
+    with torch.no_grad():
+        for gen in generators:
+            gen.generate([model], batches[0])  # warm-up
+        for _ in range(repeats):
+            for i, gen in enumerate(generators):
+                start = time.perf_counter()
+                hypos = [gen.generate([model], b) for b in batches]
+                best[i] = min(best[i], time.perf_counter() - start)
+                tokens[i] = sum(len(sent[0]["tokens"]) for batch in hypos for sent in batch)
+    return list(zip(best, tokens))
+
+
+def generation_speed(model, d, batches, args):
+    n = model.decoder.num_layers
+    search = {"beam_size": args.beam, "max_len_a": 0, "max_len_b": args.tgt_len, "min_len": args.tgt_len}
+    rows = [("fairseq SequenceGenerator", SequenceGenerator([model], d, **search)),
+            ("ours, --decoder-step fairseq (fairseq's decoder)",
+             AdaptiveSequenceGenerator([model], d, decoder_step="fairseq", **search)),
+            (f"ours, --decoder-step fairseq --fixed-exit {n}",
+             AdaptiveSequenceGenerator([model], d, decoder_step="fairseq", fixed_exit=n, **search)),
+            ("ours, --decoder-step lean (default)", AdaptiveSequenceGenerator([model], d, **search)),
+            # token-level exits drawn uniformly from 1..N (Table 1's Uniform column): mixed depths per step
+            ("ours, --exit-strategy uniform, --decoder-step fairseq",
+             AdaptiveSequenceGenerator([model], d, decoder_step="fairseq", exit_strategy="uniform", **search)),
+            ("ours, --exit-strategy uniform, --decoder-step lean",
+             AdaptiveSequenceGenerator([model], d, exit_strategy="uniform", **search))]
+    times = timed_round_robin([gen for _, gen in rows], model, batches, args.repeats)
+    results = [(name, seconds, tokens) for (name, _), (seconds, tokens) in zip(rows, times)]
+    base = results[0][1]
+    print(f"\n== decoding, full depth: {len(batches)} batches x {args.batch_size} sentences, beam {args.beam}, "
+          f"{args.tgt_len} steps, {torch.get_num_threads()} threads")
+    print(f"{'generator':56} {'seconds':>8} {'tokens/s':>9} {'vs fairseq':>10}")
+    for name, seconds, tokens in results:
+        print(f"{name:56} {seconds:8.3f} {tokens / seconds:9.1f} {base / seconds:9.2f}x")
+    return results
+
+
+# ---- one block call against the rows that run it ---------------------------------------------------
+
+
+def block_call_costs(model, d, args, cache_len: int = 12, block: int = 3, calls: int = 40):
+    """Seconds per call of decoder block ``block`` (1-based) for r of B = batch x beam rows, with a
+    self-attention cache of ``cache_len`` positions left as decoding leaves it (filled, then
+    reordered for the beam), on both block steps, the two taking turns call by call."""
+    dec = model.decoder
+    bsz = args.batch_size * args.beam
+    batch = random_batches(d, 1, args.batch_size, args.src_len)[0]["net_input"]
+    with torch.no_grad():
+        enc_out = model.encoder(batch["src_tokens"], src_lengths=batch["src_lengths"])
+        enc_out = model.encoder.reorder_encoder_out(enc_out, torch.arange(args.batch_size).repeat_interleave(args.beam))
+    enc, enc_mask = enc_out["encoder_out"][0], enc_out["encoder_padding_mask"][0]
+    layer = dec.layers[block - 1]
+    x = torch.randn(1, bsz, dec.embed_dim)
+    everyone = torch.arange(bsz)
+    policies = {step: ExitPolicy(decoder_step=step, kv_mode="eager") for step in ("fairseq", "lean")}
+    states = {step: {} for step in policies}  # as in decoding: fairseq's layers keep one source K/V per row
+
+    def call(step, rows):
+        dec.exit_policy = policies[step]
+        state = states[step]
+        if step == "lean":
+            caches = dec.lean_caches(state) or dec.start_lean_caches(state)
+            dec.lean_block_for_rows(caches[block - 1], layer, x, rows, enc, enc_mask, None, 0.5, args.beam)
+        else:
+            dec.run_block_for_rows(layer, block, x, rows, enc, enc_mask, state, None)
+
+    with torch.no_grad():
+        for step in policies:  # a cache as decoding leaves it: cache_len positions, then a beam reordering
+            for _ in range(cache_len):
+                call(step, everyone)
+            dec.exit_policy = policies[step]
+            dec.reorder_incremental_state_scripting(states[step], everyone)
+        saved = {k: dict(v) for k, v in states["fairseq"].items()}
+        g = torch.Generator().manual_seed(0)
+        costs = {}
+        for r in ROWS:
+            active = torch.randperm(bsz, generator=g)[:r].sort().values
+            times = {step: [] for step in policies}
+            for _ in range(calls):
+                for step in policies:
+                    cache = dec.lean_caches(states["lean"])[block - 1]
+                    length = cache.length
+                    start = time.perf_counter()
+                    call(step, active)
+                    times[step].append(time.perf_counter() - start)
+                    cache.length = length  # the next call writes the same position again
+                    states["fairseq"].clear()
+                    states["fairseq"].update({k: dict(v) for k, v in saved.items()})
+            for step in policies:
+                costs[(step, r)] = sorted(times[step])[len(times[step]) // 2]
+    dec.exit_policy = None
+    print(f"\n== one call of decoder block {block} of {dec.num_layers} against the rows that run it "
+          f"({bsz} rows in the batch, {cache_len} cached positions; median of {calls} calls, ms)")
+    print(f"{'rows':>6} {'fairseq layers':>15} {'lean':>8} {'lean/fairseq':>13} "
+          f"{'fairseq vs 320':>15} {'lean vs 320':>12}")
+    for r in ROWS:
+        f, lean = costs[("fairseq", r)], costs[("lean", r)]
+        print(f"{r:6d} {1e3 * f:15.3f} {1e3 * lean:8.3f} {lean / f:13.2f} {f / costs[('fairseq', ROWS[-1])]:15.2f} "
+              f"{lean / costs[('lean', ROWS[-1])]:12.2f}")
+    return costs
+
+
+def random_model_report(args):
+    model, d = random_model(args.vocab)
+    if args.only != "blocks":
+        generation_speed(model, d, random_batches(d, args.batches, args.batch_size, args.src_len), args)
+    if args.only != "speed":
+        block_call_costs(model, d, args)
+
+
+# ---- a checkpoint on real batches ----------------------------------------------------------------
+
+
+def checkpoint_report(args):
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([args.path], arg_overrides={"data": args.data})
     model = models[0].eval()
     task.load_dataset(args.subset)
     itr = task.get_batch_iterator(task.dataset(args.subset), max_sentences=args.batch_size,
                                   max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
                                   ).next_epoch_itr(shuffle=False)
-    batches = [b for _, b in zip(range(args.batches), itr)]
+    batches = [b for _, b in zip(range(args.batches), itr)] if args.batches > 0 else list(itr)
     d = task.target_dictionary
+    if args.compare:
+        return compare_hypotheses(model, d, batches, args)
     stock = SequenceGenerator([model], d, beam_size=args.beam)
     ours = AdaptiveSequenceGenerator([model], d, beam_size=args.beam, exit_strategy=args.exit_strategy,
                                      exit_threshold=args.exit_threshold, fixed_exit=args.fixed_exit,
-                                     exit_kv=args.exit_kv)
+                                     exit_kv=args.exit_kv, decoder_step=args.decoder_step)
 
     def run(gen):
         start = time.perf_counter()
@@ -78,6 +259,45 @@ def main():
     print(f"\n{'cumulative s':>12} {'self s':>8} {'share':>6} {'calls':>7}  function")
     for cum, own, name, calls in sorted(rows, reverse=True)[: args.top]:
         print(f"{cum:12.3f} {own:8.3f} {cum / total:6.1%} {calls:7d}  {name}")
+
+
+def compare_hypotheses(model, d, batches, args):
+    """Token ids of every hypothesis (all beams) equal, and the largest score difference."""
+    def decode(gen):
+        with torch.no_grad():
+            return [hypo for b in batches for hypo in gen.generate([model], b)]
+
+    exit_flags = {"exit_strategy": args.exit_strategy, "exit_threshold": args.exit_threshold,
+                  "fixed_exit": args.fixed_exit, "exit_kv": args.exit_kv}
+    full = decode(SequenceGenerator([model], d, beam_size=args.beam))
+    runs = [("fairseq SequenceGenerator", "ours, --decoder-step " + step, full,
+             decode(AdaptiveSequenceGenerator([model], d, beam_size=args.beam, decoder_step=step)))
+            for step in ("fairseq", "lean")]
+    if any(v is not None and v != "auto" for v in exit_flags.values()):
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in exit_flags.items() if v is not None)
+        fairseq_layers, lean = (decode(AdaptiveSequenceGenerator([model], d, beam_size=args.beam, decoder_step=step,
+                                                                 **exit_flags)) for step in ("fairseq", "lean"))
+        runs.append((f"{flags}, --decoder-step fairseq", "--decoder-step lean", fairseq_layers, lean))
+    for name_a, name_b, a, b in runs:
+        sentences = len(a)
+        same = sum(all(torch.equal(x["tokens"], y["tokens"]) for x, y in zip(ha, hb)) and len(ha) == len(hb)
+                   for ha, hb in zip(a, b))
+        diff = max(float((x["positional_scores"] - y["positional_scores"]).abs().max())
+                   for ha, hb in zip(a, b) for x, y in zip(ha, hb) if torch.equal(x["tokens"], y["tokens"]))
+        exits = ""
+        if "exits" in a[0][0] and "exits" in b[0][0]:
+            exits = f", exits equal in {sum(torch.equal(ha[0]['exits'], hb[0]['exits']) for ha, hb in zip(a, b))}"
+        print(f"{name_a} vs {name_b}: {same}/{sentences} sentences with every beam hypothesis's tokens equal"
+              f"{exits}; largest positional score difference {diff:.2e}")
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    if args.random_model:
+        random_model_report(args)
+    else:
+        checkpoint_report(args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Exit decision rules used while decoding (paper §3, "inference"), one small class per rule.
 
-The decoder's incremental step (``AdaptiveTransformerDecoder.forward_incremental_with_exits``) asks
+The decoder's incremental step (:mod:`fairseq_dat.modules.exit_aware_decoding`) asks
 its ``exit_policy`` two things: ``plan_step`` (decisions that can be made before the blocks run:
 fixed exits, sequence-level depths) and ``halt`` (after block n < N, which of the still-running rows
 stop here). Exits are 1-based block numbers. Every policy also counts the exits of all beam rows it
@@ -9,25 +9,32 @@ decided (``ExitStats``), which is what decoding time follows.
 =================  ===============================================================================
 strategy           rule
 =================  ===============================================================================
+full               every token runs every block (through the lean step; ``--decoder-step fairseq``:
+                   fairseq's own decoder, no exit-aware code at all)
 fixed              every token exits at block ``--fixed-exit`` k
 estimator          the checkpoint's depth estimator and ``--exit-threshold`` T:
                    token-geometric: halt at the first block n with χ_n > T_n (T: one value or N−1);
                    multinomial / Poisson-binomial (token after block 1, sequence from the encoder
-                   output): the first n with q(1)+…+q(n) ≥ T (no T: argmax q, the paper's rule)
+                   output): the first n with q(1)+…+q(n) ≥ T (no T: argmax q, the paper's rule);
+                   both rules are the functions of ``modules.depth_estimators`` (``geometric_halts``,
+                   ``decide_by_cumulative``), called here and nowhere re-derived
 confidence         exit at the first block n whose classifier's top probability exceeds T_n
                    (the paper's baseline; projects onto the vocabulary at every visited block)
 =================  ===============================================================================
 """
-from typing import List, Optional, Sequence
+import logging
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .errors import ConfigError
-from .modules.depth_estimators import decide_by_cumulative, single_threshold, thresholds_from_arg
+from .modules.depth_estimators import decide_by_cumulative, geometric_halts, single_threshold, thresholds_from_arg
+from .modules.exit_aware_decoding import DECODER_STEPS, KV_MODES, lean_step_unsupported
+
+logger = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "full", "fixed", "estimator", "confidence", "uniform", "oracle")
-KV_MODES = ("deferred", "eager")  # keys/values of the blocks every row skipped: when needed, or at once
 
 
 class ExitStats:
@@ -67,18 +74,24 @@ class ExitStats:
 
 
 class ExitPolicy:
-    """Base: no early exit. Subclasses override ``halt`` and/or ``plan_step``."""
+    """Base: no early exit. Subclasses override ``halt`` and/or ``plan_step``. ``decoder_step``,
+    ``kv_mode`` and ``gather_ratio`` choose how the decoder's step runs the blocks (see
+    :mod:`fairseq_dat.modules.exit_aware_decoding`)."""
 
     gather_ratio = 0.5
     kv_mode = "deferred"
+    decoder_step = DECODER_STEPS[0]
+    can_halt = True  # False: no row ever stops before the last block (``halt`` is not called)
 
     def __init__(self, stats: Optional[ExitStats] = None, gather_ratio: Optional[float] = None,
-                 kv_mode: Optional[str] = None):
+                 kv_mode: Optional[str] = None, decoder_step: Optional[str] = None):
         self.stats = stats
         if gather_ratio is not None:
             self.gather_ratio = gather_ratio
         if kv_mode is not None:
             self.kv_mode = kv_mode
+        if decoder_step is not None:
+            self.decoder_step = decoder_step
 
     def plan_step(self, decoder, encoder_out, incremental_state, prev_output_tokens) -> dict:
         return {}
@@ -91,6 +104,17 @@ class ExitPolicy:
     def count(self, step_exits: Tensor):
         if self.stats is not None:
             self.stats.add_rows(step_exits)
+
+
+class FullDepth(ExitPolicy):
+    """Every row runs every block, through the exit-aware step (the lean one): no skipped blocks,
+    so no keys/values to defer (``--exit-kv`` does not apply)."""
+
+    can_halt = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.kv_mode = "eager"
 
 
 class PlannedDepth(ExitPolicy):
@@ -153,19 +177,6 @@ class ReferenceOracle(ExitPolicy):
         return logits.argmax(dim=-1) == plan["gold"].index_select(0, active), logits
 
 
-class ForcedExits(PlannedDepth):
-    """Given exits (B x T, or B for every step): for tests of the copy rule."""
-
-    def __init__(self, exits: Tensor, **kwargs):
-        super().__init__(**kwargs)
-        self.exits = exits
-
-    def plan_step(self, decoder, encoder_out, incremental_state, prev_output_tokens):
-        step = prev_output_tokens.size(1) - 1
-        depth = self.exits if self.exits.dim() == 1 else self.exits[:, step]
-        return {"depth": depth}
-
-
 class SequenceEstimatorPolicy(PlannedDepth):
     """Sequence-level estimators: one depth per source sentence, decided from the encoder output
     before the first step and kept (reordered with the beam) in the decoder's incremental state."""
@@ -210,7 +221,7 @@ class GeometricPolicy(ExitPolicy):
         self.thresholds = list(thresholds)
 
     def halt(self, decoder, n, h, active, plan):
-        return decoder.depth_estimator.halting_prob(h, n - 1) > self.thresholds[n - 1], None
+        return geometric_halts(decoder.depth_estimator.halting_prob(h, n - 1), self.thresholds[n - 1]), None
 
 
 class ConfidencePolicy(ExitPolicy):
@@ -229,9 +240,10 @@ class ConfidencePolicy(ExitPolicy):
 
 def build_exit_policy(decoder, strategy: str = "auto", threshold=None, fixed_exit: Optional[int] = None,
                       stats: Optional[ExitStats] = None, gather_ratio: Optional[float] = None,
-                      kv_mode: Optional[str] = None) -> Optional[ExitPolicy]:
-    """The policy for the generation flags, or None for plain full-depth decoding (fairseq's own
-    decoder path). Raises ConfigError naming the flag on any setting the model cannot serve."""
+                      kv_mode: Optional[str] = None, decoder_step: Optional[str] = None) -> Optional[ExitPolicy]:
+    """The policy for the generation flags, or None for full-depth decoding through fairseq's own
+    decoder (``--decoder-step fairseq``). Raises ConfigError naming the flag on any setting the model
+    cannot serve."""
     if not hasattr(decoder, "exit_logits"):
         raise ConfigError("--exit-threshold/--exit-strategy/--fixed-exit need a checkpoint of --arch "
                           f"adaptive_transformer; this one has a {type(decoder).__name__}")
@@ -239,18 +251,33 @@ def build_exit_policy(decoder, strategy: str = "auto", threshold=None, fixed_exi
         raise ConfigError(f"--exit-gather-ratio must be in [0, 1], got {gather_ratio}")
     if kv_mode is not None and kv_mode not in KV_MODES:
         raise ConfigError(f"--exit-kv must be one of {', '.join(KV_MODES)}, got {kv_mode!r}")
+    decoder_step = lean_or_fallback(decoder, decoder_step)
     try:
-        return _policy_for_flags(decoder, strategy, threshold, fixed_exit, stats, gather_ratio, kv_mode)
+        return _policy_for_flags(decoder, strategy, threshold, fixed_exit, stats, gather_ratio, kv_mode, decoder_step)
     except ConfigError:
         raise
     except ValueError as err:  # threshold parsing: the message already names --exit-threshold
         raise ConfigError(str(err)) from None
 
 
-def _policy_for_flags(decoder, strategy, threshold, fixed_exit, stats, gather_ratio, kv_mode):
+def lean_or_fallback(decoder, decoder_step: Optional[str]) -> str:
+    """``--decoder-step``, validated; a model whose layers the lean step does not mirror decodes
+    through fairseq's layers (one log line says why)."""
+    decoder_step = decoder_step or DECODER_STEPS[0]
+    if decoder_step not in DECODER_STEPS:
+        raise ConfigError(f"--decoder-step must be one of {', '.join(DECODER_STEPS)}, got {decoder_step!r}")
+    if decoder_step == "lean":
+        reason = next(filter(None, (lean_step_unsupported(layer) for layer in decoder.layers)), None)
+        if reason is not None:
+            logger.warning("--decoder-step lean does not support %s: decoding with --decoder-step fairseq", reason)
+            return "fairseq"
+    return decoder_step
+
+
+def _policy_for_flags(decoder, strategy, threshold, fixed_exit, stats, gather_ratio, kv_mode, decoder_step):
     n_exits = decoder.num_layers
     estimator = decoder.depth_estimator
-    kwargs = {"stats": stats, "gather_ratio": gather_ratio, "kv_mode": kv_mode}
+    kwargs = {"stats": stats, "gather_ratio": gather_ratio, "kv_mode": kv_mode, "decoder_step": decoder_step}
     if strategy not in STRATEGIES:
         raise ConfigError(f"--exit-strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if fixed_exit is not None and strategy not in ("auto", "fixed"):
@@ -268,7 +295,7 @@ def _policy_for_flags(decoder, strategy, threshold, fixed_exit, stats, gather_ra
             raise ConfigError("--exit-threshold needs a checkpoint with a trained depth estimator "
                              "(this one has none); use --exit-strategy confidence or --fixed-exit N")
     if strategy == "full":
-        return None
+        return None if decoder_step == "fairseq" else FullDepth(**kwargs)
     if strategy == "fixed":
         if fixed_exit is None:
             raise ConfigError("--exit-strategy fixed needs --fixed-exit N")

@@ -4,9 +4,11 @@ The search loop is fairseq's own (prefixes, constraints, length penalty, ``--nbe
 What changes, following ``SequenceGeneratorWithAlignment``'s pattern:
 - ``_generate`` hands the exit policy to the decoder(s) for the duration of one batch;
 - the decoder's incremental step decides each row's exit and runs each block only for the rows
-  still running (``AdaptiveTransformerDecoder.forward_incremental_with_exits``); its exit history
-  lives in the incremental state, so fairseq's beam reordering carries it with the hypotheses;
+  still running (:mod:`fairseq_dat.modules.exit_aware_decoding`); its exit history lives in the
+  incremental state, so fairseq's beam reordering carries it with the hypotheses;
 - ``finalize_hypos`` attaches each finished hypothesis' per-token exits (``hypo["exits"]``, 1-based).
+
+One model only: exits are decided per model, so an ensemble (``--path a.pt:b.pt``) is refused.
 """
 from typing import Dict, List, Optional
 
@@ -34,7 +36,7 @@ class AdaptiveEnsembleModel(EnsembleModel):
         return super().forward_decoder(tokens, encoder_outs, incremental_states, temperature)
 
     def exit_history(self) -> Optional[Tensor]:
-        """rows x steps exits (1-based) of the first model, or None when it decodes at full depth."""
+        """rows x steps exits (1-based), or None when fairseq's own decoder runs (full depth)."""
         if self.incremental_states is None:
             return None
         return self.single_model.decoder.exit_history(self.incremental_states[0])
@@ -43,7 +45,10 @@ class AdaptiveEnsembleModel(EnsembleModel):
 class AdaptiveSequenceGenerator(SequenceGenerator):
     def __init__(self, models, tgt_dict, exit_strategy: str = "auto", exit_threshold=None,
                  fixed_exit: Optional[int] = None, exit_gather_ratio: Optional[float] = None,
-                 exit_kv: Optional[str] = None, **kwargs):
+                 exit_kv: Optional[str] = None, decoder_step: Optional[str] = None, **kwargs):
+        if len(models) > 1:
+            raise ConfigError(f"--path: ensembles are not supported by the exit-aware generator (got {len(models)} "
+                              "models); decode with one checkpoint, or average them first")
         super().__init__(AdaptiveEnsembleModel(models), tgt_dict, **kwargs)
         decoder = self.model.single_model.decoder
         self.num_exits = decoder.num_layers
@@ -51,7 +56,7 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
         self.model.stats = self.stats
         # built (and validated) once, before any decoding
         self.policy = build_exit_policy(decoder, exit_strategy, exit_threshold, fixed_exit, self.stats,
-                                        exit_gather_ratio, exit_kv)
+                                        exit_gather_ratio, exit_kv, decoder_step)
 
     def _generate(self, sample: Dict[str, Dict[str, Tensor]], prefix_tokens: Optional[Tensor] = None,
                   constraints: Optional[Tensor] = None, bos_token: Optional[int] = None):
@@ -63,12 +68,14 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
             self.policy.reference = sample["target"]
         for decoder in decoders:
             decoder.exit_policy = self.policy
+            decoder.beam_rows = self.beam_size  # fairseq's search keeps a sentence's beam rows together
         try:
             finalized = super()._generate(sample, prefix_tokens=prefix_tokens, constraints=constraints,
                                           bos_token=bos_token)
         finally:
             for decoder in decoders:
                 decoder.exit_policy = None
+                decoder.beam_rows = 1
             self.model.incremental_states = None
         for hypos in finalized:
             if hypos:

@@ -58,3 +58,34 @@ def random_batch(dictionary, bsz=4, src_len=7, tgt_len=6, seed=0, pad_some=True)
     if pad_some and bsz > 1:
         prev[1, -1] = dictionary.pad()
     return {"src_tokens": src, "src_lengths": src_lengths, "prev_output_tokens": prev}, tgt
+
+
+# ---- exit-aware decoding driven by given exits (tests of the copy rule) --------------------------
+
+
+def forced_exits_policy(exits, **kwargs):
+    """An exit policy with given exits (B x T, or B for every step), for tests of the copy rule;
+    kwargs: gather_ratio, kv_mode, decoder_step."""
+    from fairseq_dat.exit_policy import PlannedDepth
+
+    class ForcedExits(PlannedDepth):
+        def plan_step(self, decoder, encoder_out, incremental_state, prev_output_tokens):
+            step = prev_output_tokens.size(1) - 1
+            return {"depth": exits if exits.dim() == 1 else exits[:, step]}
+
+    return ForcedExits(**kwargs)
+
+
+def incremental_step(decoder, prev_output_tokens, encoder_out, incremental_state, exits, **kwargs):
+    """One exit-aware decoding step with the given exits (kwargs as ``forced_exits_policy``)."""
+    decoder.exit_policy = forced_exits_policy(exits, **kwargs)
+    try:
+        return decoder(prev_output_tokens, encoder_out=encoder_out, incremental_state=incremental_state)
+    finally:
+        decoder.exit_policy = None
+
+
+def materialize_all_pending_kv(decoder, incremental_state):
+    """Every block's self-attention cache complete and in beam order (to compare with a full pass)."""
+    for index in range(len(decoder.layers)):
+        decoder.catch_up_block(index, incremental_state)

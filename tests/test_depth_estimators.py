@@ -17,7 +17,9 @@ from fairseq_dat.modules.depth_estimators import (
     decide_by_cumulative,
     estimator_correct_count,
     estimator_loss,
+    geometric_halts,
     poisson_binomial_log_pmf,
+    single_threshold,
     thresholds_from_arg,
 )
 from fairseq_dat.oracles import IGNORE_EXIT
@@ -65,11 +67,27 @@ def test_q_sums_to_one_even_with_extreme_logits(estimator, scale):
     torch.testing.assert_close(log_q.exp().sum(-1), torch.ones(log_q.shape[:-1]), atol=1e-5, rtol=0)
 
 
+def geometric_exits(estimator, states, taus):
+    """0-based exits of the generator's Tok-geometric loop: after block n, ``geometric_halts``."""
+    exits = torch.full(states[0].shape[:-1], EXITS - 1)
+    undecided = torch.ones_like(exits, dtype=torch.bool)
+    for i, h in enumerate(states[: EXITS - 1]):
+        halt = geometric_halts(estimator.halting_prob(h, i), taus[i]) & undecided
+        exits[halt] = i
+        undecided &= ~halt
+    return exits
+
+
 @pytest.mark.parametrize("estimator", ESTIMATORS, ids=estimator_id)
 def test_decisions_are_valid_exit_indices(estimator):
+    """The two inference rules the exit policies call give valid exits for every estimator."""
     encoder_out, padding_mask, block_states = model_inputs()
     for threshold in (None, 0.0, 0.5, 1.0):
-        exits = estimator.decide_from(encoder_out, padding_mask, block_states, threshold=threshold)
+        if estimator.inputs == "blocks":
+            exits = geometric_exits(estimator, block_states, estimator.thresholds(threshold))
+        else:
+            log_q = estimator.log_q_from(encoder_out, padding_mask, block_states)
+            exits = decide_by_cumulative(log_q, threshold)
         assert exits.shape == expected_shape(estimator)[:-1]
         assert exits.dtype == torch.long and exits.min() >= 0 and exits.max() < EXITS
 
@@ -173,11 +191,11 @@ def test_geometric_halts_at_first_block_above_threshold():
     for taus in ([0.5] * (EXITS - 1), [0.9, 0.1, 0.5], [1.0] * (EXITS - 1)):
         halted = chi > torch.tensor(taus)
         expected = torch.where(halted.any(-1), halted.int().argmax(-1), torch.tensor(EXITS - 1))
-        assert estimator.decide(states, threshold=taus).tolist() == expected.tolist()
-        for i, h in enumerate(states):
-            assert estimator.should_halt(h, i, taus).tolist() == halted[..., i].tolist()
-    assert estimator.decide(states, threshold=None).tolist() == estimator.decide(states, threshold=0.5).tolist()
-    assert (estimator.decide(states, threshold=1.0) == EXITS - 1).all()  # χ > 1 never fires
+        assert geometric_exits(estimator, states, taus).tolist() == expected.tolist()
+    assert estimator.thresholds(None) == (0.5,) * (EXITS - 1)  # the paper's default
+    assert (geometric_exits(estimator, states, [1.0] * (EXITS - 1)) == EXITS - 1).all()  # χ > 1 never fires
+    chi_one = torch.tensor([0.25, 0.5, 0.75])
+    assert geometric_halts(chi_one, 0.5).tolist() == [False, False, True]  # strictly above τ
 
 
 def test_geometric_halting_prob_rejects_the_last_block():
@@ -192,9 +210,9 @@ def test_sequence_estimator_same_depth_for_beam_copies():
     beam = 5
     beam_out = encoder_out.repeat_interleave(beam, dim=1)  # S x (B*beam) x C, like reorder_encoder_out
     beam_mask = padding_mask.repeat_interleave(beam, dim=0)
-    exits = estimator.decide(beam_out, beam_mask).view(BSZ, beam)
+    exits = decide_by_cumulative(estimator.log_q(beam_out, beam_mask), None).view(BSZ, beam)
     assert (exits == exits[:, :1]).all()
-    assert exits[:, 0].tolist() == estimator.decide(encoder_out, padding_mask).tolist()
+    assert exits[:, 0].tolist() == decide_by_cumulative(estimator.log_q(encoder_out, padding_mask), None).tolist()
 
 
 @pytest.mark.parametrize("name", ["sequence", "sequence-poisson-binomial"])
@@ -208,11 +226,11 @@ def test_sequence_estimator_ignores_source_padding(name):
 
 
 def test_multinomial_rejects_per_block_thresholds():
-    estimator = DEPTH_ESTIMATORS["token-multinomial"](DIM, EXITS)
     with pytest.raises(ValueError, match="--exit-threshold"):
-        estimator.decide(torch.randn(2, DIM), threshold=[0.1, 0.5, 0.9])
+        single_threshold([0.1, 0.5, 0.9], "token-multinomial")
     with pytest.raises(ValueError, match="--exit-threshold"):
-        estimator.decide(torch.randn(2, DIM), threshold=1.5)
+        single_threshold(1.5, "token-multinomial")
+    assert single_threshold("0.3,0.3", "token-multinomial") == 0.3
 
 
 # --------------------------------------------------------------------------- loss

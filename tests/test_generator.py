@@ -6,8 +6,12 @@ from fairseq.sequence_generator import SequenceGenerator
 
 from fairseq_dat.errors import ConfigError
 from fairseq_dat.exit_policy import ExitStats, PlannedDepth, build_exit_policy
+from fairseq_dat.modules.depth_estimators import geometric_halts
+from fairseq_dat.modules.exit_aware_decoding import LeanBlockCache
 from fairseq_dat.sequence_generator import AdaptiveSequenceGenerator
-from helpers import random_batch, tiny_model
+from helpers import incremental_step, materialize_all_pending_kv, random_batch, tiny_model
+
+STEPS = ["lean", "fairseq"]  # --decoder-step: every equivalence test runs on both block steps
 
 
 def make_sample(dictionary, bsz=6, src_len=7, seed=0):
@@ -16,14 +20,20 @@ def make_sample(dictionary, bsz=6, src_len=7, seed=0):
             "id": torch.arange(bsz), "target": target}
 
 
-def assert_same_hypotheses(ref, ours):
+def assert_same_hypotheses(ref, ours, bitwise=True):
+    """Token ids equal for every hypothesis of every sentence; scores equal (``bitwise``: fairseq's
+    layer path) or within 1e-4 (the lean step: another attention kernel, same weights)."""
     assert len(ref) == len(ours)
     for ref_hypos, our_hypos in zip(ref, ours):
         assert len(ref_hypos) == len(our_hypos)
         for a, b in zip(ref_hypos, our_hypos):
             assert torch.equal(a["tokens"], b["tokens"])
-            assert torch.equal(a["positional_scores"], b["positional_scores"])
-            assert float(a["score"]) == float(b["score"])
+            if bitwise:
+                assert torch.equal(a["positional_scores"], b["positional_scores"])
+                assert float(a["score"]) == float(b["score"])
+            else:
+                torch.testing.assert_close(a["positional_scores"], b["positional_scores"], rtol=0, atol=1e-4)
+                assert float(a["score"]) == pytest.approx(float(b["score"]), abs=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -37,40 +47,156 @@ def model_and_dict():
     {"beam_size": 3, "max_len_a": 1.2, "max_len_b": 3}, {"beam_size": 2, "max_len_b": 6, "normalize_scores": False},
 ])
 @pytest.mark.parametrize("exit_kwargs", [{"fixed_exit": 3}, {"exit_threshold": "1.0"}, {}])
-def test_full_depth_is_exactly_fairseqs_sequence_generator(model_and_dict, gen_kwargs, exit_kwargs):
-    """--fixed-exit N, a threshold that never fires, and no flags all decode as fairseq does."""
+@pytest.mark.parametrize("step", STEPS)
+def test_full_depth_is_exactly_fairseqs_sequence_generator(model_and_dict, gen_kwargs, exit_kwargs, step):
+    """--fixed-exit N, a threshold that never fires, and no flags all decode as fairseq does:
+    bitwise on fairseq's layer path, same tokens and scores within 1e-4 on the lean step."""
     model, d = model_and_dict
     sample = make_sample(d)
     gen_kwargs = {"max_len_b": 12, **gen_kwargs}
     ref = SequenceGenerator([model], d, **gen_kwargs).generate([model], sample)
-    gen = AdaptiveSequenceGenerator([model], d, **exit_kwargs, **gen_kwargs)
+    gen = AdaptiveSequenceGenerator([model], d, **exit_kwargs, **gen_kwargs, decoder_step=step)
     ours = gen.generate([model], sample)
-    assert_same_hypotheses(ref, ours)
+    assert_same_hypotheses(ref, ours, bitwise=step == "fairseq")
     for hypos in ours:
         for h in hypos:
             assert h["exits"].tolist() == [3] * len(h["tokens"])
     assert gen.stats.average_exit == 3.0 and gen.stats.compute_average_exit == 3.0
 
 
-def test_full_depth_exact_with_prefix_tokens_and_batch_one(model_and_dict):
+@pytest.mark.parametrize("step", STEPS)
+def test_full_depth_exact_with_prefix_tokens_and_batch_one(model_and_dict, step):
     model, d = model_and_dict
     sample = make_sample(d)
     prefix = sample["target"][:, :2]
     ref = SequenceGenerator([model], d, beam_size=3, max_len_b=10).generate([model], sample, prefix_tokens=prefix)
-    ours = AdaptiveSequenceGenerator([model], d, beam_size=3, max_len_b=10, fixed_exit=3).generate(
+    ours = AdaptiveSequenceGenerator([model], d, beam_size=3, max_len_b=10, fixed_exit=3, decoder_step=step).generate(
         [model], sample, prefix_tokens=prefix)
-    assert_same_hypotheses(ref, ours)
+    assert_same_hypotheses(ref, ours, bitwise=step == "fairseq")
     one = make_sample(d, bsz=1)
     assert_same_hypotheses(SequenceGenerator([model], d, beam_size=4).generate([model], one),
-                           AdaptiveSequenceGenerator([model], d, beam_size=4, fixed_exit=3).generate([model], one))
+                           AdaptiveSequenceGenerator([model], d, beam_size=4, fixed_exit=3,
+                                                     decoder_step=step).generate([model], one),
+                           bitwise=step == "fairseq")
+
+
+@pytest.mark.parametrize("extra", [["--decoder-normalize-before"], ["--exit-classifiers", "shared"]])
+def test_lean_step_equals_fairseq_on_pre_norm_and_shared_classifiers(extra):
+    """Pre-norm blocks (one LayerNorm per exit) and one shared classifier: the lean step at full
+    depth gives fairseq's hypotheses, and at mixed exits the fairseq-layer path's."""
+    model, task, _ = tiny_model(extra=extra)
+    d = task.target_dictionary
+    sample = make_sample(d)
+    ref = SequenceGenerator([model], d, beam_size=4, max_len_b=12).generate([model], sample)
+    lean = AdaptiveSequenceGenerator([model], d, beam_size=4, max_len_b=12).generate([model], sample)
+    assert_same_hypotheses(ref, lean, bitwise=False)
+    runs = [AdaptiveSequenceGenerator([model], d, beam_size=4, max_len_b=10, exit_strategy="confidence",
+                                      exit_threshold="0.15", decoder_step=step).generate([model], sample)
+            for step in STEPS]
+    assert_same_hypotheses(*runs, bitwise=False)
+    exits = torch.cat([h["exits"] for sent in runs[0] for h in sent])
+    assert exits.min() < exits.max()
 
 
 @pytest.mark.parametrize("kv_mode", ["deferred", "eager"])
+def test_lean_step_equals_fairseq_layers_at_random_exits(model_and_dict, kv_mode):
+    """Uniform random exits (the same draws on both paths): same tokens and exits, scores within
+    1e-4, also while the batch shrinks as sentences finish."""
+    model, d = model_and_dict
+    sample = make_sample(d, bsz=7)
+    runs = []
+    for step in STEPS:
+        torch.manual_seed(3)
+        gen = AdaptiveSequenceGenerator([model], d, beam_size=3, max_len_b=14, exit_strategy="uniform",
+                                        exit_kv=kv_mode, decoder_step=step)
+        runs.append(gen.generate([model], sample))
+    assert_same_hypotheses(*runs, bitwise=False)
+    for a, b in zip(*runs):
+        for x, y in zip(a, b):
+            assert torch.equal(x["exits"], y["exits"])
+    lengths = {len(sent[0]["tokens"]) for sent in runs[0]}
+    assert len(lengths) > 1  # sentences finished at different steps
+
+
+def test_lean_caches_grow_past_their_initial_capacity(model_and_dict, monkeypatch):
+    """Buffers grown by doubling (from 2 positions here: 2, 4, 8) keep every position: step-by-step
+    decoding without beam reordering (which would copy them into new buffers) equals the full
+    pass, and beam search decodes as fairseq does."""
+    model, d = model_and_dict
+    monkeypatch.setattr(LeanBlockCache, "initial_capacity", 2)
+    net_input, target = random_batch(d, bsz=4, tgt_len=7, seed=6)
+    enc = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+    prev, exits = net_input["prev_output_tokens"], torch.full(target.shape, 3)
+    state, steps = {}, []
+    with torch.no_grad():
+        full, _ = model.decoder(prev, encoder_out=enc)
+        for t in range(prev.size(1)):
+            steps.append(incremental_step(model.decoder, prev[:, : t + 1], enc, state, exits, kv_mode="eager")[0])
+    assert model.decoder.lean_caches(state)[0].k.size(2) == 8
+    real = prev.ne(d.pad())
+    torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-4, atol=1e-5)
+    sample = make_sample(d)
+    ref = SequenceGenerator([model], d, beam_size=3, max_len_b=12, min_len=9).generate([model], sample)
+    ours = AdaptiveSequenceGenerator([model], d, beam_size=3, max_len_b=12, min_len=9).generate([model], sample)
+    assert_same_hypotheses(ref, ours, bitwise=False)
+
+
+def test_padded_target_positions_are_masked_on_both_steps(model_and_dict):
+    """A padding token inside the target prefix (fairseq masks it as a key for every later query): the
+    lean step equals fairseq's layers step by step (not the teacher-forced pass: fairseq's incremental
+    positions count the padding, its full pass does not)."""
+    model, d = model_and_dict
+    net_input, target = random_batch(d, bsz=4, tgt_len=7, seed=7)
+    prev = net_input["prev_output_tokens"].clone()
+    prev[2, 3] = d.pad()
+    enc = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+    exits = torch.randint(1, 4, target.shape, generator=torch.Generator().manual_seed(2))
+    real = prev.ne(d.pad())
+    outputs = []
+    with torch.no_grad():
+        for step in STEPS:
+            state, steps = {}, []
+            for t in range(prev.size(1)):
+                steps.append(incremental_step(model.decoder, prev[:, : t + 1], enc, state, exits, kv_mode="eager",
+                                              decoder_step=step)[0])
+            outputs.append(torch.cat(steps, 1)[real])
+    torch.testing.assert_close(*outputs, rtol=1e-4, atol=1e-5)
+
+
+def test_lean_step_keeps_no_copy_of_the_weights():
+    """The lean step reads the model's own parameters: no new parameter or buffer, and weights
+    changed between two generate() calls are the ones the second call uses."""
+    model, task, _ = tiny_model(seed=4)
+    d = task.target_dictionary
+    sample = make_sample(d)
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    gen = AdaptiveSequenceGenerator([model], d, beam_size=3, max_len_b=10)
+    gen.generate([model], sample)
+    assert [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()] == names
+    with torch.no_grad():
+        for layer in model.decoder.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.weight.mul_(1.7)
+    ref = SequenceGenerator([model], d, beam_size=3, max_len_b=10).generate([model], sample)
+    assert_same_hypotheses(ref, gen.generate([model], sample), bitwise=False)
+
+
+def test_lean_step_falls_back_to_fairseq_layers_it_does_not_mirror():
+    model, task, _ = tiny_model(extra=["--cross-self-attention"])
+    gen = AdaptiveSequenceGenerator([model], task.target_dictionary, beam_size=2, fixed_exit=2)
+    assert gen.policy.decoder_step == "fairseq"
+    with pytest.raises(ConfigError, match="--decoder-step"):
+        AdaptiveSequenceGenerator([model], task.target_dictionary, decoder_step="fast")
+
+
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("kv_mode", ["deferred", "eager"])
 @pytest.mark.parametrize("gather_ratio", [0.0, 0.5, 1.0])
-def test_incremental_equals_teacher_forced_at_every_exit_pattern(model_and_dict, gather_ratio, kv_mode):
-    """Step-by-step decoding with given exits = one teacher-forced pass with the same exits and the
-    copy rule, at every block; gather_ratio 0 forces the masked path, 1 the gathered sub-batch;
-    deferred keys/values, once materialized, equal the eager ones and the full pass's."""
+def test_incremental_equals_teacher_forced_at_every_exit_pattern(model_and_dict, gather_ratio, kv_mode, step):
+    """Step-by-step decoding with given exits = one teacher-forced pass (fairseq's layers) with the same
+    exits and the copy rule, at every block, on both block steps; gather_ratio 0 forces the masked
+    path, 1 the gathered sub-batch; deferred keys/values, once materialized, equal the eager ones and
+    the full pass's."""
     model, d = model_and_dict
     dec = model.decoder
     net_input, target = random_batch(d, bsz=6, tgt_len=7, seed=1)
@@ -85,26 +211,30 @@ def test_incremental_equals_teacher_forced_at_every_exit_pattern(model_and_dict,
             states, _ = dec.teacher_forced_block_states(prev, enc, exits)
             state, steps = {}, []
             for t in range(prev.size(1)):
-                out, extra = dec.forward_incremental_with_exits(prev[:, : t + 1], enc, state, exits,
-                                                                gather_ratio=gather_ratio, kv_mode=kv_mode)
+                out, extra = incremental_step(dec, prev[:, : t + 1], enc, state, exits, gather_ratio=gather_ratio,
+                                              kv_mode=kv_mode, decoder_step=step)
                 assert torch.equal(extra["exits"], exits[:, t])
                 steps.append(out)
             real = prev.ne(d.pad())  # outputs at padded inputs are never used
             torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-4, atol=1e-5)
             # every block's cached keys equal the keys the teacher-forced pass computes from its input
-            dec.materialize_all_pending_kv(state)
+            materialize_all_pending_kv(dec, state)
             for n, layer in enumerate(dec.layers):
                 block_input = states[n - 1] if n > 0 else dec.embed_target(prev)[0]
                 keys = layer.self_attn.k_proj(block_input)  # T x B x C
-                cached = layer.self_attn._get_input_buffer(state)["prev_key"]  # B x H x T x d
+                cached = dec.cached_self_attention_kv(n, state)[0]  # B x H x T x d
                 cached = cached.permute(2, 0, 1, 3).reshape(keys.shape)
                 torch.testing.assert_close(cached[real.t()], keys[real.t()], rtol=1e-4, atol=1e-5)
             assert torch.equal(dec.exit_history(state), exits)
 
 
-def test_beam_reordering_carries_the_exit_history(model_and_dict):
+@pytest.mark.parametrize("step", STEPS)
+def test_beam_reordering_carries_the_exit_history(model_and_dict, step):
+    """Each best hypothesis replayed teacher-forced with its own exits gives the generator's scores,
+    and its exits are where the Tok-geometric rule (``geometric_halts``, χ^n > 0.5) stops on the
+    replayed states: the generator's decisions are the tested decision function's."""
     model, d = model_and_dict
-    gen = AdaptiveSequenceGenerator([model], d, beam_size=4, max_len_b=10, exit_threshold="0.5")
+    gen = AdaptiveSequenceGenerator([model], d, beam_size=4, max_len_b=10, exit_threshold="0.5", decoder_step=step)
     hypos = gen.generate([model], make_sample(d))
     # replay each best hypothesis teacher-forced with its own exits: the generator's scores follow
     net_input = make_sample(d)["net_input"]
@@ -118,49 +248,52 @@ def test_beam_reordering_carries_the_exit_history(model_and_dict):
             logits, _ = model.decoder(prev, encoder_out=enc_i, exits=best["exits"].unsqueeze(0))
         lprobs = torch.log_softmax(logits.float(), -1).gather(-1, toks.unsqueeze(-1)).squeeze(-1).squeeze(0)
         torch.testing.assert_close(lprobs, best["positional_scores"], rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            states, _ = model.decoder.teacher_forced_block_states(prev, enc_i, best["exits"].unsqueeze(0))
+        for t, exit_t in enumerate(best["exits"].tolist()):
+            halts = [bool(geometric_halts(model.decoder.depth_estimator.halting_prob(states[n - 1][t, 0], n - 1), 0.5))
+                     for n in range(1, exit_t + 1 if exit_t < 3 else 3)]
+            assert halts == [False] * (exit_t - 1) + ([True] if exit_t < 3 else []), (i, t, exit_t, halts)
 
 
-class CountingLayer(torch.nn.Module):
-    """Wraps a decoder block and records how many rows each call computes."""
+class RowCounter:
+    """Records how many rows each call of each decoder block computes (its feed-forward input), on
+    either block step."""
 
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-        self.rows = []
+    def __init__(self, decoder):
+        self.rows = [[] for _ in decoder.layers]
+        self.handles = [layer.fc1.register_forward_pre_hook(self.hook(i)) for i, layer in enumerate(decoder.layers)]
 
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.layer, name)
+    def hook(self, index):
+        def record(module, inputs):
+            self.rows[index].append(inputs[0].numel() // inputs[0].size(-1))
+        return record
 
-    def forward(self, x, *args, **kwargs):
-        self.rows.append(x.size(1))
-        return self.layer(x, *args, **kwargs)
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
 
 
-def test_blocks_run_only_for_rows_that_have_not_exited(model_and_dict):
+@pytest.mark.parametrize("step", STEPS)
+def test_blocks_run_only_for_rows_that_have_not_exited(model_and_dict, step):
     model, d = model_and_dict
     dec = model.decoder
-    originals = list(dec.layers)
-    counters = [CountingLayer(layer) for layer in originals]
-    dec.layers = torch.nn.ModuleList(counters)
-    try:
-        net_input, target = random_batch(d, bsz=8, tgt_len=5, seed=2)
-        enc = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
-        exits = torch.full(target.shape, 3)
-        exits[:6] = 1  # 6 of 8 rows exit at block 1 at every step
-        state = {}
-        with torch.no_grad():
-            for t in range(target.size(1)):
-                dec.forward_incremental_with_exits(net_input["prev_output_tokens"][:, : t + 1], enc, state, exits,
-                                                   gather_ratio=0.5)
-    finally:
-        dec.layers = torch.nn.ModuleList(originals)
-    assert counters[0].rows == [8] * 5  # block 1: every row
+    net_input, target = random_batch(d, bsz=8, tgt_len=5, seed=2)
+    enc = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+    exits = torch.full(target.shape, 3)
+    exits[:6] = 1  # 6 of 8 rows exit at block 1 at every step
+    state = {}
+    with RowCounter(dec) as counter, torch.no_grad():
+        for t in range(target.size(1)):
+            incremental_step(dec, net_input["prev_output_tokens"][:, : t + 1], enc, state, exits, gather_ratio=0.5,
+                             decoder_step=step)
+    assert counter.rows[0] == [8] * 5  # block 1: every row
     # blocks 2 and 3: only the 2 rows, also at their first call (the source keys/values are cached
     # without running the block on every row)
-    assert counters[1].rows == [2] * 5 and counters[2].rows == [2] * 5
+    assert counter.rows[1] == [2] * 5 and counter.rows[2] == [2] * 5
 
 
 @pytest.mark.parametrize("beam", [1, 2])
@@ -187,9 +320,18 @@ def test_first_call_source_keys_values_equal_fairseqs(model_and_dict, beam):
     assert a["prev_key"].size(0) == 3  # one per sentence whatever the beam
     for key in ("prev_key", "prev_value", "prev_key_padding_mask"):
         assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    lean = LeanBlockCache(layer)  # the lean step's source keys/values: the same tensors
+    layer.encoder_attn.set_beam_size(beam)
+    try:
+        lean.cache_source(layer.encoder_attn, enc, enc_mask)
+    finally:
+        layer.encoder_attn.set_beam_size(1)
+    assert torch.equal(lean.src_k, a["prev_key"]) and torch.equal(lean.src_v, a["prev_value"])
+    assert torch.equal(lean.src_mask[:, 0, 0].isinf(), a["prev_key_padding_mask"]) and lean.rows_per_source == beam
 
 
-def test_deferred_keys_values_skip_blocks_no_row_reaches(model_and_dict):
+@pytest.mark.parametrize("step", STEPS)
+def test_deferred_keys_values_skip_blocks_no_row_reaches(model_and_dict, step):
     """Deferred copy rule: while every row exits at block 1, blocks 2..N hold no cache at all; the
     first step a row runs block 3, the pending positions get their keys/values in one projection."""
     model, d = model_and_dict
@@ -201,36 +343,31 @@ def test_deferred_keys_values_skip_blocks_no_row_reaches(model_and_dict):
     state = {}
     with torch.no_grad():
         for t in range(target.size(1)):
-            dec.forward_incremental_with_exits(net_input["prev_output_tokens"][:, : t + 1], enc, state, exits,
-                                               kv_mode="deferred")
-            lengths = [len(layer.self_attn._get_input_buffer(state).get("prev_key", ())) and
-                       layer.self_attn._get_input_buffer(state)["prev_key"].size(2) for layer in dec.layers]
+            incremental_step(dec, net_input["prev_output_tokens"][:, : t + 1], enc, state, exits, kv_mode="deferred",
+                             decoder_step=step)
+            lengths = [dec.cached_positions(i, state) for i in range(len(dec.layers))]
             assert lengths == ([t + 1, 0, 0] if t < 4 else [t + 1, 5, 5]), (t, lengths)
 
 
-def test_no_row_runs_a_block_when_all_exit_early(model_and_dict):
+@pytest.mark.parametrize("step", STEPS)
+def test_no_row_runs_a_block_when_all_exit_early(model_and_dict, step):
     model, d = model_and_dict
-    dec = model.decoder
-    originals = list(dec.layers)
-    counters = [CountingLayer(layer) for layer in originals]
-    dec.layers = torch.nn.ModuleList(counters)
-    try:
-        gen = AdaptiveSequenceGenerator([model], d, beam_size=3, max_len_b=6, fixed_exit=1)
+    with RowCounter(model.decoder) as counter:
+        gen = AdaptiveSequenceGenerator([model], d, beam_size=3, max_len_b=6, fixed_exit=1, decoder_step=step)
         hypos = gen.generate([model], make_sample(d))
-    finally:
-        dec.layers = torch.nn.ModuleList(originals)
-    assert counters[1].rows == [] and counters[2].rows == []
+    assert counter.rows[0] and counter.rows[1] == [] and counter.rows[2] == []
     assert gen.stats.average_exit == 1.0
     assert all(h["exits"].eq(1).all() for sent in hypos for h in sent)
 
 
-def test_deferred_and_eager_keys_values_decode_identically(model_and_dict):
+@pytest.mark.parametrize("step", STEPS)
+def test_deferred_and_eager_keys_values_decode_identically(model_and_dict, step):
     """Deferring the skipped blocks' keys/values (and their beam reorderings) changes no hypothesis,
     score or exit against computing them at every step."""
     model, d = model_and_dict
     sample = make_sample(d)
     runs = [AdaptiveSequenceGenerator([model], d, beam_size=4, max_len_b=10, exit_strategy="confidence",
-                                      exit_threshold="0.3", exit_kv=mode).generate([model], sample)
+                                      exit_threshold="0.3", exit_kv=mode, decoder_step=step).generate([model], sample)
             for mode in ("deferred", "eager")]
     for a, b in zip(*runs):  # scores within float tolerance: one projection over P positions vs P
         for x, y in zip(a, b):
@@ -252,7 +389,8 @@ class DepthPerStep(PlannedDepth):
         return {"depth": torch.full((prev_output_tokens.size(0),), depth, dtype=torch.long)}
 
 
-def test_blocks_skipped_for_several_steps_catch_up_with_the_beam(model_and_dict):
+@pytest.mark.parametrize("step", STEPS)
+def test_blocks_skipped_for_several_steps_catch_up_with_the_beam(model_and_dict, step):
     """Blocks 2-3 hold a cache after step 2, are skipped by every row for three steps of beam
     reordering, then run again: their caches must follow the composed reorderings exactly as if
     they had been reordered (and fed the copied keys/values) at every step."""
@@ -261,7 +399,7 @@ def test_blocks_skipped_for_several_steps_catch_up_with_the_beam(model_and_dict)
     runs = []
     for mode in ("deferred", "eager"):
         gen = AdaptiveSequenceGenerator([model], d, beam_size=4, max_len_b=10, min_len=8, fixed_exit=1)
-        gen.policy = DepthPerStep([3, 3, 1, 1, 1, 3], kv_mode=mode, stats=gen.stats)
+        gen.policy = DepthPerStep([3, 3, 1, 1, 1, 3], kv_mode=mode, stats=gen.stats, decoder_step=step)
         runs.append(gen.generate([model], sample))
     for a, b in zip(*runs):
         for x, y in zip(a, b):
@@ -378,3 +516,39 @@ def test_every_estimator_decodes_and_sequence_level_is_one_depth_per_sentence(es
         if model.decoder.depth_estimator.level == "sequence":
             depths = {int(e) for h in sent for e in h["exits"]}
             assert len(depths) == 1  # one depth per source sentence, shared by its whole beam
+
+
+# ---- on the command line --------------------------------------------------------------------------
+
+
+def cli_generate(data, path, *extra):
+    from cli_helpers import run_tool
+    return run_tool("fairseq-generate", data, "--user-dir", "fairseq_dat", "--task", "adaptive_translation",
+                    "--path", path, "--cpu", "--beam", "3", "--batch-size", "8", "--max-len-b", "8", *extra)
+
+
+def test_ensembles_are_refused_on_the_command_line(corpus, adaptive_checkpoint):
+    """--path a.pt:b.pt: one line naming --path, instead of silently decoding with the first model."""
+    from cli_helpers import assert_one_line_error
+    proc = cli_generate(corpus, f"{adaptive_checkpoint}:{adaptive_checkpoint}")
+    assert_one_line_error(proc, "--path", "ensembles are not supported by the exit-aware generator")
+    assert "H-" not in proc.stdout
+
+
+def test_decoder_step_flag_on_the_command_line(corpus, adaptive_checkpoint):
+    """fairseq-generate --decoder-step lean (the default) and fairseq print the same hypotheses, at
+    full depth (= fairseq's --task translation) and under the estimator."""
+    from cli_helpers import check_ok, hypotheses, run_tool
+    stock = hypotheses(check_ok(run_tool(
+        "fairseq-generate", corpus, "--user-dir", "fairseq_dat", "--task", "translation", "--path",
+        adaptive_checkpoint, "--cpu", "--beam", "3", "--batch-size", "8", "--max-len-b", "8")).stdout)
+    for extra in ((), ("--exit-threshold", "0.5")):
+        runs = [hypotheses(check_ok(cli_generate(corpus, adaptive_checkpoint, "--decoder-step", step, *extra)).stdout)
+                for step in STEPS]
+        assert runs[0].keys() == runs[1].keys() and len(runs[0]) == 24
+        for sid, (score, tokens) in runs[0].items():
+            assert tokens == runs[1][sid][1] and score == pytest.approx(runs[1][sid][0], abs=1e-3)
+            if not extra:
+                assert tokens == stock[sid][1]
+    bad = cli_generate(corpus, adaptive_checkpoint, "--decoder-step", "fast")
+    assert bad.returncode != 0 and "--decoder-step" in bad.stderr

@@ -1,7 +1,9 @@
 """Depth estimators q(n): which decoder exit to use (Elbayad et al., 2020, §3).
 
-Every estimator outputs log-probabilities over the N exits (last dim N, shallowest first) and turns them
-into 0-based exit indices for inference. Exit index i means "run blocks 1..i+1 and emit with C_{i+1}".
+Every estimator outputs log-probabilities over the N exits (last dim N, shallowest first). At inference
+(``fairseq_dat.exit_policy``) two decision rules turn them into exits, and the generator calls exactly
+these: ``decide_by_cumulative`` (multinomial and Poisson-binomial estimators: 0-based exit index i means
+"run blocks 1..i+1 and emit with C_{i+1}") and ``geometric_halts`` (Tok-geometric-like, after each block).
 
 ==========================  =========  ==================  ========================================
 registry name               level      input               paper
@@ -17,11 +19,10 @@ Common interface (class attributes ``level`` and ``inputs``; constructor
 ``(input_dim, num_exits, separate_halting=False)``):
 
 * ``log_q(...)``: class-specific inputs, returns (..., N) log-probabilities (exp sums to 1).
-* ``decide(..., threshold=None)``: (...) long 0-based exits, as used at inference.
-* ``log_q_from(encoder_out=None, encoder_padding_mask=None, block_states=None)`` and
-  ``decide_from(..., threshold=None)``: the same, picking the inputs the estimator needs, so a
-  criterion or generator can treat all estimators alike. ``block_states`` are the decoder states
-  after blocks 1, 2, ... (fairseq's ``inner_states[1:]``); token-level outputs keep the states' layout,
+* ``log_q_from(encoder_out=None, encoder_padding_mask=None, block_states=None)``: the same, picking the
+  inputs the estimator needs, so a criterion or generator can treat all estimators alike.
+  ``block_states`` are the decoder states after blocks 1, 2, ... (fairseq's ``inner_states[1:]``);
+  token-level outputs keep the states' layout,
   so time-major (T, B, C) states give (T, B, N): transpose before comparing with (B, T) oracles.
 
 ``input_dim`` is the encoder output dim for sequence-level estimators and the decoder dim for
@@ -149,6 +150,12 @@ def decide_by_cumulative(log_q: Tensor, threshold: Optional[float]) -> Tensor:
     return below.clamp(max=log_q.size(-1) - 1)  # rounding may leave the total just under 1
 
 
+def geometric_halts(halting_prob: Tensor, threshold: float) -> Tensor:
+    """The Tok-geometric-like inference rule (§3.2), after block n: halt when χ^n > τ_n (strictly, so
+    τ = 1 never halts). (...) halting probabilities → (...) bool."""
+    return halting_prob > threshold
+
+
 def poisson_binomial_log_pmf(logits: Tensor) -> Tensor:
     """log P(K = k), k = 0..M, for K = Σ_m B_m with independent B_m ~ Bernoulli(sigmoid(logits_m)).
 
@@ -174,7 +181,7 @@ def poisson_binomial_log_pmf(logits: Tensor) -> Tensor:
 
 
 class DepthEstimator(nn.Module):
-    """Base class: validates ``num_exits`` and maps generic model inputs to ``log_q``/``decide``."""
+    """Base class: validates ``num_exits`` and maps generic model inputs to ``log_q``."""
 
     level: str = ""  # "sequence" (one exit per sentence) or "token" (one exit per target token)
     inputs: str = ""  # "encoder", "first_block" (h^1) or "blocks" (h^1..h^{N-1})
@@ -209,17 +216,6 @@ class DepthEstimator(nn.Module):
         """``log_q`` on whichever of the model's tensors this estimator reads."""
         return self.log_q(*self._select_inputs(encoder_out, encoder_padding_mask, block_states))
 
-    def decide_from(
-        self,
-        encoder_out: Optional[Tensor] = None,
-        encoder_padding_mask: Optional[Tensor] = None,
-        block_states: Optional[Sequence[Tensor]] = None,
-        threshold: Threshold = None,
-    ) -> Tensor:
-        """``decide`` on whichever of the model's tensors this estimator reads."""
-        inputs = self._select_inputs(encoder_out, encoder_padding_mask, block_states)
-        return self.decide(*inputs, threshold=threshold)
-
     def forward(self, *args, **kwargs) -> Tensor:
         return self.log_q(*args, **kwargs)
 
@@ -251,11 +247,6 @@ class SequenceMultinomial(DepthEstimator):
         logits = self.proj(pooled.to(self.proj.weight.dtype))  # B x N
         return F.log_softmax(logits.float(), dim=-1)
 
-    def decide(self, encoder_out, encoder_padding_mask=None, threshold: Threshold = None) -> Tensor:
-        """(B,) exits: argmax q (threshold None) or the first n with cumulative q ≥ threshold."""
-        log_q = self.log_q(encoder_out, encoder_padding_mask)
-        return decide_by_cumulative(log_q, single_threshold(threshold, self.name))
-
 
 class TokenMultinomial(DepthEstimator):
     """Tok-multinomial (paper §3.2): q_t(n | x, y_<t) = softmax(W_h h_t^1 + b_h).
@@ -275,11 +266,6 @@ class TokenMultinomial(DepthEstimator):
         """(..., C) state h^1 → (..., N) log q."""
         return F.log_softmax(self.proj(first_block_state).float(), dim=-1)
 
-    def decide(self, first_block_state: Tensor, threshold: Threshold = None) -> Tensor:
-        """(...) exits: argmax q (threshold None) or the first n with cumulative q ≥ threshold."""
-        log_q = self.log_q(first_block_state)
-        return decide_by_cumulative(log_q, single_threshold(threshold, self.name))
-
 
 # ----------------------------------------------------------------------------------------------
 # geometric-like estimator
@@ -294,7 +280,7 @@ class TokenGeometric(DepthEstimator):
     computed in log space with logsigmoid (log χ = logsigmoid(z), log(1 − χ) = logsigmoid(−z)).
 
     Inference (paper): exit at the first block n with χ_t^n > τ_n, else at N; τ_n = 0.5 by default.
-    The generator calls ``halting_prob`` / ``should_halt`` after each block it runs.
+    The generator calls ``halting_prob`` and ``geometric_halts`` after each block it runs.
 
     ``separate_halting``: False (default) shares one Linear(C, 1) across blocks, as the paper's formula
     writes a single (w_h, b_h), and §1.1 describes the geometric halter as one linear layer with output
@@ -328,10 +314,6 @@ class TokenGeometric(DepthEstimator):
         validated = thresholds_from_arg(threshold, self.num_exits)
         return validated if validated is not None else (self.default_threshold,) * (self.num_exits - 1)
 
-    def should_halt(self, state: Tensor, exit_idx: int, threshold: Threshold = None) -> Tensor:
-        """(...) bool: χ^n > τ_n for the state after block n = exit_idx + 1 (incremental inference)."""
-        return self.halting_prob(state, exit_idx) > self.thresholds(threshold)[exit_idx]
-
     def _stack_logits(self, states: Sequence[Tensor]) -> Tensor:
         if len(states) != self.num_exits - 1:
             raise ValueError(
@@ -347,13 +329,6 @@ class TokenGeometric(DepthEstimator):
         log_reach = torch.cumsum(log_go_on, dim=-1)  # log Π_{n' <= n} (1 - χ^{n'})
         log_reach_before = F.pad(log_reach[..., :-1], (1, 0))  # log Π_{n' < n}, 0 for n = 1
         return torch.cat([log_halt + log_reach_before, log_reach[..., -1:]], dim=-1)
-
-    def decide(self, states: Sequence[Tensor], threshold: Threshold = None) -> Tensor:
-        """(...) exits: the first n with χ^n > τ_n, else N (index N−1)."""
-        halt_probs = torch.sigmoid(self._stack_logits(states))  # ... x N-1
-        taus = halt_probs.new_tensor(self.thresholds(threshold))  # N-1
-        halts = F.pad(halt_probs > taus, (0, 1), value=True)  # ... x N: the last exit always halts
-        return halts.int().argmax(dim=-1)  # first True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,11 +372,6 @@ class SequencePoissonBinomial(_PoissonBinomialMixin, DepthEstimator):
         """(S, B, C) encoder states, (B, S) padding mask → (B, N) log q."""
         return self._log_q_from_vector(masked_mean_over_source(encoder_out, encoder_padding_mask))
 
-    def decide(self, encoder_out, encoder_padding_mask=None, threshold: Threshold = None) -> Tensor:
-        """(B,) exits: argmax q (threshold None) or the first n with cumulative q ≥ threshold."""
-        log_q = self.log_q(encoder_out, encoder_padding_mask)
-        return decide_by_cumulative(log_q, single_threshold(threshold, self.name))
-
 
 class TokenPoissonBinomial(_PoissonBinomialMixin, DepthEstimator):
     """Poisson-binomial depth (see ``_PoissonBinomialMixin``) from the block-1 state h_t^1.
@@ -420,11 +390,6 @@ class TokenPoissonBinomial(_PoissonBinomialMixin, DepthEstimator):
     def log_q(self, first_block_state: Tensor) -> Tensor:
         """(..., C) state h^1 → (..., N) log q."""
         return self._log_q_from_vector(first_block_state)
-
-    def decide(self, first_block_state: Tensor, threshold: Threshold = None) -> Tensor:
-        """(...) exits: argmax q (threshold None) or the first n with cumulative q ≥ threshold."""
-        log_q = self.log_q(first_block_state)
-        return decide_by_cumulative(log_q, single_threshold(threshold, self.name))
 
 
 DEPTH_ESTIMATORS = {

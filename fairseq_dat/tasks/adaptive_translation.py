@@ -17,6 +17,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from .. import checks
 from ..exit_policy import STRATEGIES
+from ..exit_summary import ExitSummary
 from ..sequence_generator import AdaptiveSequenceGenerator
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,12 @@ class AdaptiveTranslationConfig(TranslationConfig):
                 "deferred = computed from the copied states only when a later token runs that block "
                 "(one projection for all pending positions, never for blocks no later token reaches); "
                 "eager = appended at every step"})
+    decoder_step: str = field(default="lean", metadata={
+        "help": "how the decoder runs a block for one target position: lean = a torch-only step on the same "
+                "weights (self-attention keys/values in preallocated buffers written in place, fused q/k/v, "
+                "source keys/values once per block, scaled_dot_product_attention, only the rows that have not "
+                "exited); fairseq = fairseq's own decoder layers and caches (full depth without exit flags: "
+                "fairseq's decoder unchanged)"})
 
 
 @register_task("adaptive_translation", dataclass=AdaptiveTranslationConfig)
@@ -139,7 +146,7 @@ class AdaptiveTranslationTask(TranslationTask):
         return {"exit_strategy": pick("exit_strategy") or "auto",
                 "exit_threshold": str(threshold) if threshold is not None else None,
                 "fixed_exit": pick("fixed_exit"), "exit_gather_ratio": pick("exit_gather_ratio"),
-                "exit_kv": pick("exit_kv")}
+                "exit_kv": pick("exit_kv"), "decoder_step": pick("decoder_step")}
 
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
         hypos = super().inference_step(generator, models, sample, prefix_tokens=prefix_tokens,
@@ -161,10 +168,11 @@ class AdaptiveTranslationTask(TranslationTask):
             self._summary_registered = True
 
     def print_exit_summary(self):
-        """One line per generator used: ``Adaptive exits: AE=… tokens=… exits=[…] compute_AE=…``."""
+        """One line per generator used: ``Adaptive exits (N=…): AE=…`` (fairseq_dat/exit_summary.py)."""
         for generator in self.generators:
-            if int(generator.stats.token_hist.sum()) > 0:
-                print(f"Adaptive exits (N={generator.num_exits}): {generator.stats.summary()}", flush=True)
+            summary = ExitSummary.of_stats(generator.stats)
+            if summary.tokens > 0:
+                print(summary.line(), flush=True)
 
 
 def print_exit_lines(sample, hypos, nbest):

@@ -1,0 +1,601 @@
+"""Exit-aware incremental decoding (Elbayad et al., 2020, §3 "inference"; the copy rule of §2.2.1 and
+App. B at decoding time): one beam-search step in which every row (hypothesis) stops at its own block.
+
+``AdaptiveTransformerDecoder`` mixes in :class:`ExitAwareDecoding`; the exit policy
+(:mod:`fairseq_dat.exit_policy`, set by the exit-aware generator as ``decoder.exit_policy`` for one
+batch) decides where each row exits. Rows that exited are not computed by deeper blocks; a deeper
+block only receives the keys/values of their copied state (FS = 4 d² per skipped block, App. B).
+
+Two implementations of a block step, chosen by ``--decoder-step`` (``policy.decoder_step``):
+
+- ``lean`` (default): a torch-only step on the model's own weights (:class:`LeanBlockCache`,
+  :func:`lean_block`): self-attention keys/values in preallocated per-block buffers written in place
+  (grown by doubling, reordered for the beam by one ``index_select`` of the filled part), q/k/v as one
+  projection by the three weights concatenated once per batch, source keys/values once per block and
+  batch, ``torch.nn.functional.scaled_dot_product_attention``, and a row-subset path that runs only
+  the rows that have not exited and gathers only their caches;
+- ``fairseq``: fairseq's own ``TransformerDecoderLayer`` calls and ``MultiheadAttention`` caches
+  (bitwise fairseq's computation when every row runs a block), kept for comparison.
+
+Keys/values of the blocks a row skipped (copy rule): with ``kv_mode`` "deferred" (default) a block
+that no row reaches at a step is not touched; its keys/values for those positions are projected from
+the recorded exit states when a later token runs it, and the beam reorderings it missed are composed
+into one. "eager" appends them at every step.
+
+fairseq internals this module relies on, and the only place in the package that does (re-check them
+on a fairseq upgrade):
+
+- ``MultiheadAttention._get_input_buffer`` / ``_set_input_buffer`` and the cache layout they hold:
+  ``prev_key`` / ``prev_value`` B x H x T x d, ``prev_key_padding_mask`` B x T; the encoder attention
+  keeps one source entry per sentence when its ``beam_size`` > 1 (set by ``SequenceGenerator``
+  through ``set_beam_size``);
+- ``MultiheadAttention._append_prev_key_padding_mask`` (the mask of the FirstCall source cache);
+- ``MultiheadAttention.reorder_incremental_state`` and its rule for static (source) keys/values:
+  nothing to do while the batch keeps its sentences, one entry per sentence otherwise;
+- ``MultiheadAttention`` attributes ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``, ``num_heads``,
+  ``head_dim``, ``beam_size``, ``bias_k``, ``add_zero_attn``, ``encoder_decoder_attention``;
+- ``TransformerDecoderLayerBase.forward``'s signature, and the attributes the lean step mirrors its
+  forward with: ``self_attn``, ``encoder_attn``, ``self_attn_layer_norm``, ``encoder_attn_layer_norm``,
+  ``final_layer_norm``, ``fc1``, ``fc2``, ``activation_fn``, ``normalize_before``; the variants it
+  leaves to fairseq's path (:func:`lean_step_unsupported`): ``cross_self_attention``, ``attn_ln``,
+  ``ffn_layernorm``, ``c_attn``, ``w_resid``, dropout kept at inference;
+- ``TransformerDecoderBase.reorder_incremental_state_scripting`` (overridden here) and
+  ``FairseqIncrementalState.get_incremental_state`` / ``set_incremental_state``.
+"""
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from fairseq.modules import MultiheadAttention
+
+DECODER_STEPS = ("lean", "fairseq")  # the first is the default
+KV_MODES = ("deferred", "eager")  # keys/values of the blocks every row skipped: when needed, or at once
+
+
+def encoder_tensors(encoder_out):
+    """fairseq's encoder output dict → (S x B x C states or None, B x S padding mask or None)."""
+    enc = enc_mask = None
+    if encoder_out is not None and len(encoder_out["encoder_out"]) > 0:
+        enc = encoder_out["encoder_out"][0]
+    if encoder_out is not None and len(encoder_out["encoder_padding_mask"]) > 0:
+        enc_mask = encoder_out["encoder_padding_mask"][0]
+    return enc, enc_mask
+
+
+class ExitAwareDecoding:
+    """The incremental step of ``AdaptiveTransformerDecoder`` under an exit policy (mixin: uses the
+    decoder's ``layers``, ``embed_target``, ``exit_logits``, ``logits_at_exits`` and ``exit_policy``)."""
+
+    # rows per source sentence, consecutive (the exit-aware generator's beam size, set per batch): the
+    # lean step then keeps one source key/value per sentence. fairseq's own ``set_beam_size`` does not
+    # reach the decoder from ``SequenceGenerator`` (a TransformerModel has no ``set_beam_size``).
+    beam_rows = 1
+
+    def forward_incremental_with_exits(self, prev_output_tokens, encoder_out, incremental_state):
+        """One decoding step where each row stops at its own block, decided by ``self.exit_policy``.
+        Returns (B x 1 x V logits, extra) with ``extra["exits"]`` (B, 1-based)."""
+        policy = self.exit_policy
+        deferred = policy.kv_mode == "deferred"
+        enc, enc_mask = encoder_tensors(encoder_out)
+        x, pad_mask = self.embed_target(prev_output_tokens, incremental_state)
+        lean = None
+        if policy.decoder_step == "lean" and not self.training:  # the lean step has no dropout
+            lean = self.lean_caches(incremental_state) or self.start_lean_caches(incremental_state)
+        bsz, n_layers = x.size(1), self.num_layers
+        step_exits = torch.full((bsz,), n_layers, dtype=torch.long, device=x.device)
+        active = torch.arange(bsz, device=x.device)
+        ready_logits: Dict[int, Tensor] = {}
+        attn = None
+        plan = policy.plan_step(self, encoder_out, incremental_state, prev_output_tokens)
+        for n, layer in enumerate(self.layers, start=1):
+            if deferred and active.numel() == 0:
+                break  # blocks n..N: keys/values from the copied state when a later token needs them
+            if deferred:
+                self.catch_up_block(n - 1, incremental_state)
+            if lean is not None:
+                x, block_attn = self.lean_block_for_rows(lean[n - 1], layer, x, active, enc, enc_mask, pad_mask,
+                                                         policy.gather_ratio, self.beam_rows), None
+            else:
+                x, block_attn = self.run_block_for_rows(layer, n, x, active, enc, enc_mask, incremental_state,
+                                                        pad_mask, policy.gather_ratio)
+            if n == n_layers:  # fairseq's alignment: the last block's source attention (None if skipped)
+                attn = block_attn
+            if n == n_layers or active.numel() == 0 or not policy.can_halt:
+                continue
+            stop, logits = policy.halt(self, n, x[0].index_select(0, active) if active.numel() < bsz else x[0],
+                                       active, plan)
+            if stop is not None and bool(stop.any()):
+                rows = active[stop]
+                step_exits[rows] = n
+                if logits is not None:
+                    ready_logits[n] = (rows, logits[stop])
+                active = active[~stop]
+        if policy.can_halt:
+            out = self.step_logits(x[0], step_exits, ready_logits)
+            self.record_step_exits(incremental_state, step_exits, x[0] if deferred else None)
+        else:  # full depth: every row through C_N, no exit history to keep (the generator's default)
+            out = self.exit_logits(x[0], n_layers)
+        policy.count(step_exits)
+        return out.unsqueeze(1), {"attn": [attn], "inner_states": None, "exits": step_exits}
+
+    # ---- fairseq's layer path ------------------------------------------------------------------
+
+    def run_block_for_rows(self, layer, n, x, active, enc, enc_mask, incremental_state, pad_mask,
+                           gather_ratio: float = 0.5):
+        """Block n for the rows in ``active`` (indices); the others keep their state (copy rule) and
+        only get this block's self-attention keys/values appended from it.
+
+        Three ways, chosen per call: all rows active → fairseq's layer call, unchanged (bitwise the
+        stock computation); many rows active (≥ ``gather_ratio``) or the block's source keys/values
+        not yet computed (the paper's FirstCall) → the layer on every row, exited rows' outputs
+        discarded (their keys/values are already the copies'); few rows → the layer on a sub-batch
+        gathered with its caches, and the exited rows' keys/values from one batched projection.
+        """
+        bsz, n_active = x.size(1), active.numel()
+        last = n == self.num_layers
+        if n_active == bsz:
+            out, attn, _ = layer(x, enc, enc_mask, incremental_state, self_attn_padding_mask=pad_mask,
+                                 need_attn=last, need_head_weights=last)
+            return out, (attn.float().mean(dim=0) if attn is not None else None)
+        if n_active == 0:
+            k, v = self.copied_kv(layer, x.transpose(0, 1))
+            self.append_kv(layer, incremental_state, layer.self_attn._get_input_buffer(incremental_state), k, v,
+                           pad_mask)
+            return x, None
+        if n_active >= gather_ratio * bsz:
+            out, _, _ = layer(x, enc, enc_mask, incremental_state, self_attn_padding_mask=pad_mask)
+            return keep_exited_rows(out, x, active), None
+        if layer.encoder_attn is not None and "prev_key" not in layer.encoder_attn._get_input_buffer(incremental_state):
+            self.cache_source_kv(layer.encoder_attn, enc, enc_mask, incremental_state)
+        return self.run_block_on_subbatch(layer, x, active, enc, enc_mask, incremental_state, pad_mask), None
+
+    @staticmethod
+    def cache_source_kv(attn, enc, enc_mask, incremental_state):
+        """The paper's FirstCall (App. B) for a block that only a few rows reach: its source keys/values,
+        computed and cached exactly as fairseq's encoder-decoder attention does on its first call (one
+        per sentence when the generator set a beam size), without running the block on every row."""
+        key, mask = per_sentence(enc, enc_mask, attn.beam_size)
+        src_len, kv_bsz = key.shape[:2]
+        mask = MultiheadAttention._append_prev_key_padding_mask(
+            key_padding_mask=mask, prev_key_padding_mask=None, batch_size=kv_bsz, src_len=src_len, static_kv=True)
+        key = key.transpose(0, 1)  # B x S x C; fairseq views the cache as (B*H) x S x d: contiguous
+        attn._set_input_buffer(incremental_state, {"prev_key": split_heads(attn.k_proj(key), attn.num_heads).contiguous(),
+                                                   "prev_value": split_heads(attn.v_proj(key), attn.num_heads).contiguous(),
+                                                   "prev_key_padding_mask": mask})
+
+    def run_block_on_subbatch(self, layer, x, active, enc, enc_mask, incremental_state, pad_mask):
+        """Gather the active rows and their caches, run the layer, scatter its new keys/values back
+        next to the exited rows' copied keys/values."""
+        bsz = x.size(1)
+        self_buf = layer.self_attn._get_input_buffer(incremental_state)
+        sub_state: Dict[str, Dict[str, Optional[Tensor]]] = {}
+        layer.self_attn._set_input_buffer(sub_state, _select_rows(self_buf, active))
+        if layer.encoder_attn is not None:
+            cross_buf = layer.encoder_attn._get_input_buffer(incremental_state)
+            per_row = bsz // cross_buf["prev_key"].size(0)  # fairseq keeps one source K/V per sentence
+            layer.encoder_attn._set_input_buffer(sub_state, _select_rows(cross_buf, active // per_row))
+        sub_pad = pad_mask.index_select(0, active) if pad_mask is not None else None
+        out, _, _ = layer(x.index_select(1, active), enc, enc_mask, sub_state, self_attn_padding_mask=sub_pad)
+        # every row's new keys/values come from its block input (the copy, for exited rows), which is
+        # also what the layer projected for the active ones: one batched projection serves all rows
+        new_k, new_v = self.copied_kv(layer, x.transpose(0, 1))  # B x H x 1 x d, 4 d² per row
+        self.append_kv(layer, incremental_state, self_buf, new_k, new_v, pad_mask)
+        x = x.clone()
+        x[:, active] = out
+        return x
+
+    @staticmethod
+    def copied_kv(layer, h):
+        """Keys/values of block ``layer`` for the states h (B x P x C) — what the block's
+        self-attention would have cached for them (B x H x P x d); mirrors MultiheadAttention."""
+        attn = layer.self_attn
+        if layer.normalize_before:
+            h = layer.self_attn_layer_norm(h)
+        return split_heads(attn.k_proj(h), attn.num_heads), split_heads(attn.v_proj(h), attn.num_heads)
+
+    @staticmethod
+    def append_kv(layer, incremental_state, buf, k, v, new_pad: Optional[Tensor] = None):
+        """Appends keys/values (B x H x P x d) to block ``layer``'s cache, and to its key padding mask
+        (kept as fairseq's attention keeps it) ``new_pad`` (B x P, True at padding) or no padding."""
+        old_len, steps = (buf["prev_key"].size(2) if "prev_key" in buf else 0), k.size(2)
+        if "prev_key" in buf:
+            k = torch.cat([buf["prev_key"], k], dim=2)
+            v = torch.cat([buf["prev_value"], v], dim=2)
+        else:  # fairseq views the cache as (B*H) x T x d
+            k, v = k.contiguous(), v.contiguous()
+        pad = buf.get("prev_key_padding_mask")
+        if pad is not None or (new_pad is not None and bool(new_pad.any())):
+            bsz = k.size(0)
+            pad = pad if pad is not None else torch.zeros(bsz, old_len, dtype=torch.bool, device=k.device)
+            new_pad = new_pad if new_pad is not None else torch.zeros(bsz, steps, dtype=torch.bool, device=k.device)
+            pad = torch.cat([pad, new_pad.to(pad.dtype)], dim=1)
+        new_buf = {"prev_key": k, "prev_value": v, "prev_key_padding_mask": pad}
+        layer.self_attn._set_input_buffer(incremental_state, new_buf)
+
+    # ---- the lean path -------------------------------------------------------------------------
+
+    def lean_caches(self, incremental_state) -> Optional[List["LeanBlockCache"]]:
+        """The lean step's per-block caches of this batch (None: fairseq's layer path)."""
+        buf = self.get_incremental_state(incremental_state, "lean")
+        return None if buf is None else buf["blocks"]
+
+    def start_lean_caches(self, incremental_state) -> List["LeanBlockCache"]:
+        """On a batch's first step: empty caches, the q/k/v weights concatenated once for the batch
+        (so nothing can go stale across ``generate`` calls)."""
+        blocks = [LeanBlockCache(layer) for layer in self.layers]
+        self.set_incremental_state(incremental_state, "lean", {"blocks": blocks})
+        return blocks
+
+    @staticmethod
+    def lean_block_for_rows(cache: "LeanBlockCache", layer, x, active, enc, enc_mask, pad_mask,
+                            gather_ratio: float = 0.5, beam_rows: int = 1):
+        """As :meth:`run_block_for_rows`, on the lean step: all rows, or (≥ ``gather_ratio`` active)
+        all rows with the exited rows' outputs discarded, or only the active rows (their caches
+        gathered; the exited rows' keys/values projected from their copies). x: 1 x B x C."""
+        bsz, n_active = x.size(1), active.numel()
+        pad = pad_mask[:, -1] if pad_mask is not None else None
+        if n_active == 0:
+            cache.append_states(layer, x.transpose(0, 1), pad)
+            return x
+        if layer.encoder_attn is not None and cache.src_k is None and enc is not None:
+            cache.cache_source(layer.encoder_attn, enc, enc_mask, beam_rows)
+        if n_active == bsz:
+            return lean_block(layer, cache, x[0], None, pad).unsqueeze(0)
+        if n_active >= gather_ratio * bsz:
+            return keep_exited_rows(lean_block(layer, cache, x[0], None, pad).unsqueeze(0), x, active)
+        return lean_block(layer, cache, x[0], active, pad).unsqueeze(0)
+
+    # ---- deferred keys/values and beam reordering ----------------------------------------------
+
+    def catch_up_block(self, index: int, incremental_state):
+        """Before block ``index`` runs in deferred mode: the beam reorderings it missed (composed into
+        one), then the keys/values of the positions every row skipped it at."""
+        pending = self.get_incremental_state(incremental_state, "pending_order")
+        if pending is not None and pending.get(str(index)) is not None:
+            self.reorder_self_attention(index, incremental_state, pending[str(index)])
+            pending[str(index)] = None
+            self.set_incremental_state(incremental_state, "pending_order", pending)
+        self.materialize_pending_kv(index, incremental_state)
+
+    def reorder_incremental_state_scripting(self, incremental_state, new_order):
+        """fairseq's beam reordering, except on the exit-aware paths: the lean caches are reordered
+        here, and with deferred keys/values each block's self-attention cache is reordered when the
+        block next runs (the composed order, one index_select), so the caches of blocks no row
+        reaches cost nothing per step."""
+        policy = getattr(self, "exit_policy", None)
+        lean = self.lean_caches(incremental_state)
+        if policy is None or (policy.kv_mode != "deferred" and lean is None):
+            return super().reorder_incremental_state_scripting(incremental_state, new_order)
+        if policy.kv_mode == "deferred":
+            self.defer_self_attention_reorder(incremental_state, new_order)
+        for i, layer in enumerate(self.layers):
+            if policy.kv_mode != "deferred":
+                self.reorder_self_attention(i, incremental_state, new_order)
+            if lean is not None:
+                lean[i].reorder_source(new_order)
+            elif layer.encoder_attn is not None:
+                layer.encoder_attn.reorder_incremental_state(incremental_state, new_order)
+        self.reorder_incremental_state(incremental_state, new_order)
+
+    def defer_self_attention_reorder(self, incremental_state, new_order):
+        pending = dict(self.get_incremental_state(incremental_state, "pending_order") or {})
+        for i in range(len(self.layers)):
+            key = str(i)
+            if pending.get(key) is not None:
+                pending[key] = pending[key].index_select(0, new_order)
+            elif self.cached_positions(i, incremental_state) > 0:
+                pending[key] = new_order
+        self.set_incremental_state(incremental_state, "pending_order", pending)
+
+    def reorder_self_attention(self, index: int, incremental_state, order: Tensor):
+        lean = self.lean_caches(incremental_state)
+        if lean is not None:
+            lean[index].reorder(order)
+        else:
+            self.layers[index].self_attn.reorder_incremental_state(incremental_state, order)
+
+    def cached_positions(self, index: int, incremental_state) -> int:
+        """How many target positions block ``index``'s self-attention cache holds."""
+        lean = self.lean_caches(incremental_state)
+        if lean is not None:
+            return lean[index].length
+        buf = self.layers[index].self_attn._get_input_buffer(incremental_state)
+        return buf["prev_key"].size(2) if "prev_key" in buf else 0
+
+    def cached_self_attention_kv(self, index: int, incremental_state):
+        """Block ``index``'s cached self-attention keys and values (B x H x T x d each), either path."""
+        lean = self.lean_caches(incremental_state)
+        if lean is not None:
+            cache = lean[index]
+            return cache.k[:, :, :cache.length], cache.v[:, :, :cache.length]
+        buf = self.layers[index].self_attn._get_input_buffer(incremental_state)
+        return buf.get("prev_key"), buf.get("prev_value")
+
+    def materialize_pending_kv(self, index: int, incremental_state):
+        """Deferred copy rule: the positions this block was skipped at by every row get their keys/
+        values now, in one projection of the recorded exit states (their block input, §2)."""
+        states = self.state_history(incremental_state)
+        if states is None:
+            return
+        done = self.cached_positions(index, incremental_state)
+        if done < states.size(1):
+            layer = self.layers[index]
+            lean = self.lean_caches(incremental_state)
+            if lean is not None:
+                lean[index].append_states(layer, states[:, done:])
+            else:
+                k, v = self.copied_kv(layer, states[:, done:])
+                self.append_kv(layer, incremental_state, layer.self_attn._get_input_buffer(incremental_state), k, v)
+
+    # ---- outputs and the exit history ----------------------------------------------------------
+
+    def step_logits(self, h: Tensor, step_exits: Tensor, ready_logits) -> Tensor:
+        """B x C final states → B x V logits: each row projected once, by its exit's classifier;
+        rows whose logits the policy already computed (confidence thresholding) reuse them."""
+        if not ready_logits:
+            return self.logits_at_exits(h, step_exits)
+        vocab = next(iter(ready_logits.values()))[1].size(-1)
+        out = h.new_empty(h.size(0), vocab)
+        done = torch.zeros_like(step_exits, dtype=torch.bool)
+        for rows, logits in ready_logits.values():
+            out[rows] = logits.to(out.dtype)
+            done[rows] = True
+        rest = (~done).nonzero().squeeze(1)
+        if rest.numel():
+            out[rest] = self.logits_at_exits(h.index_select(0, rest), step_exits[rest]).to(out.dtype)
+        return out
+
+    def record_step_exits(self, incremental_state, step_exits, final_states: Optional[Tensor] = None):
+        """Appends this step's exits to the exit history (B x steps) kept in the incremental state,
+        and with deferred keys/values its final states (B x steps x C: each row's exit state, the
+        input of every block it skipped), so beam reordering carries both with the hypotheses."""
+        buf = dict(self.get_incremental_state(incremental_state, "exits") or {})
+        for key, new in (("history", step_exits.unsqueeze(1)),
+                         ("states", final_states.unsqueeze(1) if final_states is not None else None)):
+            if new is not None:
+                buf[key] = new if buf.get(key) is None else torch.cat([buf[key], new], dim=1)
+        self.set_incremental_state(incremental_state, "exits", buf)
+
+    def exit_history(self, incremental_state) -> Optional[Tensor]:
+        buf = self.get_incremental_state(incremental_state, "exits")
+        return None if buf is None else buf.get("history")
+
+    def state_history(self, incremental_state) -> Optional[Tensor]:
+        buf = self.get_incremental_state(incremental_state, "exits")
+        return None if buf is None else buf.get("states")
+
+    def reorder_incremental_state(self, incremental_state, new_order):
+        """Exit history and per-row planned depths follow the beam, like the K/V caches."""
+        buf = self.get_incremental_state(incremental_state, "exits")
+        if buf is not None:
+            buf = {k: (v.index_select(0, new_order) if v is not None else None) for k, v in buf.items()}
+            self.set_incremental_state(incremental_state, "exits", buf)
+
+
+# ---- the lean block step ------------------------------------------------------------------------
+
+
+def lean_step_unsupported(layer) -> Optional[str]:
+    """Why the lean step cannot mirror this fairseq decoder layer (None: it can). Such models decode
+    with ``--decoder-step fairseq``."""
+    attentions = [layer.self_attn] + ([layer.encoder_attn] if layer.encoder_attn is not None else [])
+    if getattr(layer, "cross_self_attention", False):
+        return "--cross-self-attention"
+    for name in ("attn_ln", "ffn_layernorm", "c_attn", "w_resid"):
+        if getattr(layer, name, None) is not None:
+            return f"NormFormer/scaled residuals ({name})"
+    if any(a.bias_k is not None or a.add_zero_attn or not a.qkv_same_dim for a in attentions):
+        return "attention with --add-bias-kv/--add-zero-attn or different key/value dimensions"
+    if any(getattr(m, "apply_during_inference", False) for m in layer.modules()):
+        return "dropout kept at inference (--retain-dropout)"
+    return None
+
+
+def split_heads(t: Tensor, heads: int) -> Tensor:
+    """B x P x C → B x H x P x d (fairseq's cache layout)."""
+    bsz, steps, channels = t.shape
+    return t.reshape(bsz, steps, heads, channels // heads).transpose(1, 2)
+
+
+def merge_heads(t: Tensor) -> Tensor:
+    """B x H x 1 x d → B x C."""
+    return t.transpose(1, 2).reshape(t.size(0), -1)
+
+
+def per_sentence(enc: Tensor, enc_mask: Optional[Tensor], beam_size: int):
+    """S x (B*beam) x C encoder states → S x B x C, one per sentence, when the encoder attention has a
+    beam size (the beam rows of a sentence share their source); as fairseq's attention does."""
+    if beam_size > 1 and enc.size(1) % beam_size == 0:
+        enc = enc.view(enc.size(0), -1, beam_size, enc.size(2))[:, :, 0, :]
+        if enc_mask is not None:
+            enc_mask = enc_mask.view(-1, beam_size, enc_mask.size(1))[:, 0, :]
+    return enc, enc_mask
+
+
+def keep_exited_rows(out: Tensor, x: Tensor, active: Tensor) -> Tensor:
+    """T x B x C: ``out`` for the active rows, ``x`` (their copied state) for the others."""
+    mask = torch.zeros(x.size(1), dtype=torch.bool, device=x.device)
+    mask[active] = True
+    return torch.where(mask.view(1, -1, 1), out, x)
+
+
+class LeanBlockCache:
+    """One block's state for the lean step, for one batch: its self-attention keys/values
+    (B x H x capacity x d, the first ``length`` positions filled, written in place and grown by
+    doubling; a beam reordering copies them once into buffers with room for the next position),
+    their padding mask (only once a padded target position occurred), its source keys/values (one
+    per sentence under beam search, computed on the block's first call), and the concatenated
+    q/k/v projection of its self-attention (a new tensor per batch: the model's weights are never
+    copied into a parameter or kept across batches)."""
+
+    initial_capacity = 16
+
+    def __init__(self, layer):
+        attn = layer.self_attn
+        self.heads, self.head_dim = attn.num_heads, attn.head_dim
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        self.w_qkv = torch.cat([p.weight for p in projections])  # 3C x C
+        self.b_qkv = (torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.weight.size(0))
+                                 for p in projections]) if any(p.bias is not None for p in projections) else None)
+        self.k: Optional[Tensor] = None
+        self.v: Optional[Tensor] = None
+        self.pad: Optional[Tensor] = None  # B x capacity, True at padded target positions
+        self.length = 0
+        self.src_k: Optional[Tensor] = None
+        self.src_v: Optional[Tensor] = None
+        self.src_mask: Optional[Tensor] = None  # sentences x 1 x 1 x S, -inf at padding (additive)
+        self.rows_per_source = 1
+
+    # ---- self-attention keys/values
+
+    def kv_projection(self, h: Tensor):
+        """The key/value rows of the fused projection: (..., C) → keys, values (..., C) each."""
+        c = h.size(-1)
+        bias = self.b_qkv[c:] if self.b_qkv is not None else None
+        return F.linear(h, self.w_qkv[c:], bias).split(c, dim=-1)
+
+    def append(self, k: Tensor, v: Tensor, pad: Optional[Tensor] = None):
+        """k, v: B x H x P x d for the next P positions, written in place; pad: B (one position) or None."""
+        steps = k.size(2)
+        self.reserve(k, self.length + steps)
+        self.k[:, :, self.length:self.length + steps] = k
+        self.v[:, :, self.length:self.length + steps] = v
+        if pad is not None and self.pad is None and bool(pad.any()):
+            self.pad = torch.zeros(self.k.size(0), self.k.size(2), dtype=torch.bool, device=k.device)
+        if self.pad is not None:
+            self.pad[:, self.length:self.length + steps] = pad.unsqueeze(1) if pad is not None else False
+        self.length += steps
+
+    def reserve(self, like: Tensor, needed: int):
+        capacity = 0 if self.k is None else self.k.size(2)
+        if needed <= capacity:
+            return
+        while capacity < needed:
+            capacity = max(2 * capacity, self.initial_capacity)
+        shape = (like.size(0), self.heads, capacity, self.head_dim)
+        k, v = like.new_empty(shape), like.new_empty(shape)
+        if self.length:
+            k[:, :, :self.length] = self.k[:, :, :self.length]
+            v[:, :, :self.length] = self.v[:, :, :self.length]
+        self.k, self.v = k, v
+        if self.pad is not None:
+            self.pad = F.pad(self.pad, (0, capacity - self.pad.size(1)))
+
+    def append_states(self, layer, states: Tensor, pad: Optional[Tensor] = None):
+        """Keys/values of the copied states (B x P x C, block inputs of rows that skipped this block);
+        pad: B (one position, True at padding) or None."""
+        if layer.normalize_before:
+            states = layer.self_attn_layer_norm(states)
+        k, v = self.kv_projection(states)
+        self.append(split_heads(k, self.heads), split_heads(v, self.heads), pad)
+
+    def reorder(self, order: Tensor):
+        """Beam reordering: the filled positions of the rows ``order`` picks, copied once into new
+        buffers with room for one more position, so that after the next step's append attention
+        reads one contiguous tensor (a strided slice would be copied by the attention kernel)."""
+        if self.k is None:
+            return
+        shape = (order.numel(), self.heads, self.length + 1, self.head_dim)
+        k, v = self.k.new_empty(shape), self.v.new_empty(shape)
+        torch.index_select(self.k[:, :, :self.length], 0, order, out=k[:, :, :self.length])
+        torch.index_select(self.v[:, :, :self.length], 0, order, out=v[:, :, :self.length])
+        self.k, self.v = k, v
+        if self.pad is not None:
+            self.pad = F.pad(self.pad[:, :self.length].index_select(0, order), (0, 1))
+
+    def attend(self, q: Tensor, rows: Optional[Tensor]) -> Tensor:
+        """q: r x H x 1 x d queries of the rows ``rows`` (None: every row) → r x H x 1 x d."""
+        k, v = self.k[:, :, :self.length], self.v[:, :, :self.length]
+        mask = self.pad[:, None, None, :self.length] if self.pad is not None else None
+        if rows is not None:
+            k, v = k.index_select(0, rows), v.index_select(0, rows)
+            mask = mask.index_select(0, rows) if mask is not None else None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=~mask if mask is not None else None)
+
+    # ---- source keys/values (encoder-decoder attention)
+
+    def cache_source(self, attn, enc: Tensor, enc_mask: Optional[Tensor], beam_rows: int = 1):
+        """FirstCall (App. B): the block's source keys/values, once per batch, from the encoder
+        output of the current rows (S x B x C, B x S padding mask), one per sentence when each
+        sentence has ``beam_rows`` consecutive rows (or fairseq's attention has a beam size)."""
+        rows = enc.size(1)
+        enc, enc_mask = per_sentence(enc, enc_mask, max(attn.beam_size, beam_rows))
+        enc = enc.transpose(0, 1)  # sentences x S x C
+        # contiguous B x H x S x d: the attention kernel is much slower on the strided view
+        self.src_k = split_heads(attn.k_proj(enc), attn.num_heads).contiguous()
+        self.src_v = split_heads(attn.v_proj(enc), attn.num_heads).contiguous()
+        if enc_mask is not None and bool(enc_mask.any()):
+            self.src_mask = torch.zeros(enc_mask.shape, dtype=enc.dtype, device=enc.device).masked_fill(
+                enc_mask, float("-inf"))[:, None, None, :]
+        self.rows_per_source = rows // self.src_k.size(0)
+
+    def reorder_source(self, order: Tensor):
+        """fairseq's rule for static keys/values: unchanged while the batch keeps its sentences;
+        when sentences finish, one entry per remaining sentence (or per row without beam)."""
+        if self.src_k is None:
+            return
+        if self.src_k.size(0) * self.rows_per_source == order.numel():
+            return
+        if self.rows_per_source > 1:
+            order = order.view(-1, self.rows_per_source)[:, 0] // self.rows_per_source
+        self.src_k, self.src_v = self.src_k.index_select(0, order), self.src_v.index_select(0, order)
+        if self.src_mask is not None:
+            self.src_mask = self.src_mask.index_select(0, order)
+
+    def attend_source(self, q: Tensor, rows: Optional[Tensor]) -> Tensor:
+        """q: r x H x 1 x d → r x H x 1 x d. All rows under beam search: the beam rows of a sentence
+        are the query positions of one attention over its source (fairseq's beamable attention)."""
+        per = self.rows_per_source
+        if rows is None and per > 1:
+            sentences = self.src_k.size(0)
+            q = q.view(sentences, per, self.heads, self.head_dim).transpose(1, 2)  # sent x H x beam x d
+            out = F.scaled_dot_product_attention(q, self.src_k, self.src_v, attn_mask=self.src_mask)
+            return out.transpose(1, 2).reshape(sentences * per, self.heads, 1, self.head_dim)
+        k, v, mask = self.src_k, self.src_v, self.src_mask
+        if rows is not None or per > 1:
+            index = (rows if rows is not None else torch.arange(q.size(0), device=q.device)) // per
+            k, v = k.index_select(0, index), v.index_select(0, index)
+            mask = mask.index_select(0, index) if mask is not None else None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def lean_block(layer, cache: LeanBlockCache, x: Tensor, rows: Optional[Tensor], pad: Optional[Tensor]) -> Tensor:
+    """One decoder block for one target position on the layer's own weights, mirroring
+    ``TransformerDecoderLayerBase.forward`` in inference (post-norm or pre-norm).
+
+    x: B x C block inputs; rows: the rows that run the block (None: all) → B x C, the block output
+    for those rows and x (the copy rule) for the others. The new keys/values of every row are
+    appended to the cache (for exited rows, computed from their copied state)."""
+    attn, pre, c = layer.self_attn, layer.normalize_before, x.size(-1)
+    h = layer.self_attn_layer_norm(x) if pre else x
+    if rows is None:
+        q, k, v = F.linear(h, cache.w_qkv, cache.b_qkv).split(c, dim=-1)
+        residual = x
+    else:
+        k, v = cache.kv_projection(h)  # every row: copies' keys/values for the exited ones
+        q = F.linear(h.index_select(0, rows), cache.w_qkv[:c], cache.b_qkv[:c] if cache.b_qkv is not None else None)
+        residual = x.index_select(0, rows)
+    heads = attn.num_heads
+    cache.append(split_heads(k.unsqueeze(1), heads), split_heads(v.unsqueeze(1), heads), pad)
+    y = residual + attn.out_proj(merge_heads(cache.attend(split_heads(q.unsqueeze(1), heads), rows)))
+    if not pre:
+        y = layer.self_attn_layer_norm(y)
+    if layer.encoder_attn is not None and cache.src_k is not None:
+        cross = layer.encoder_attn
+        residual = y
+        h = layer.encoder_attn_layer_norm(y) if pre else y
+        q = split_heads(cross.q_proj(h).unsqueeze(1), cross.num_heads)
+        y = residual + cross.out_proj(merge_heads(cache.attend_source(q, rows)))
+        if not pre:
+            y = layer.encoder_attn_layer_norm(y)
+    residual = y
+    h = layer.final_layer_norm(y) if pre else y
+    y = residual + layer.fc2(layer.activation_fn(layer.fc1(h)))
+    if not pre:
+        y = layer.final_layer_norm(y)
+    return y if rows is None else x.index_copy(0, rows, y)
+
+
+def _select_rows(buf: Dict[str, Optional[Tensor]], rows: Tensor) -> Dict[str, Optional[Tensor]]:
+    return {k: (v.index_select(0, rows) if v is not None else None) for k, v in buf.items()}
