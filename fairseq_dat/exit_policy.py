@@ -68,9 +68,10 @@ class ExitStats:
         return self._mean(self.row_hist)
 
     def summary(self) -> str:
-        hist = ",".join(str(int(c)) for c in self.token_hist)
-        return (f"AE={self.average_exit:.4f} tokens={int(self.token_hist.sum())} exits=[{hist}] "
-                f"compute_AE={self.compute_average_exit:.4f} rows={int(self.row_hist.sum())}")
+        """The body of the ``Adaptive exits (N=…):`` line (written by :mod:`fairseq_dat.exit_summary`)."""
+        from .exit_summary import ExitSummary  # local: exit_summary is a leaf module users import alone
+
+        return ExitSummary.of_stats(self).line().split(": ", 1)[1]
 
 
 class ExitPolicy:

@@ -78,5 +78,5 @@ def test_adaptive_checkpoint_decodes_in_the_stock_generator(corpus, adaptive_che
         assert runs[name].keys() == runs["stock"].keys()
         for sid, (score, tokens) in runs["stock"].items():
             assert runs[name][sid][1] == tokens, (name, sid)
-            assert abs(runs[name][sid][0] - score) <= 1e-4, (name, sid)
+            assert abs(runs[name][sid][0] - score) <= 2e-4, (name, sid)  # 4-decimal scores of two generators
     assert len({tokens for _, tokens in runs["stock"].values()}) > 1  # not one degenerate output

@@ -14,7 +14,8 @@
 #
 # Stages (each resumable: rerunning continues from RUN_DIR/<stage>/checkpoint_last.pt):
 #   aligned | baseline-N (N decoder blocks, one exit) | mixed-M | <estimator>-<LL|C>
-#   (estimator: sequence, token-multinomial, geometric = token-geometric, ...; stage 2 from aligned)
+#   (estimator: sequence, token-multinomial, geometric = token-geometric, ...; stage 2 from aligned;
+#   suffixes +l<λ> +s<σ> +frozen, e.g. geometric-LL+l0.2+s1, for the λ/σ sweeps and the frozen variant)
 # Evaluation: eval STAGE SUBSET writes RUN_DIR/STAGE/generate-SUBSET-SETTING.log for
 #   SETTING = full, exit1..exitN (aligned/mixed), thr<T> (estimators), conf<T> (aligned: confidence).
 #   EVAL_SENTENCES=N decodes only the first N pairs of SUBSET (binarized once with the model's
@@ -47,9 +48,21 @@ train_stage() {  # train_stage STAGE
     baseline-[1-9]) extra=(--decoder-layers "${stage#baseline-}" --criterion label_smoothed_cross_entropy "${LENGTH[@]}") ;;
     mixed-[0-9]*) extra=(--criterion adaptive_label_smoothed_cross_entropy --exit-training mixed
                          --mixed-samples "${stage#mixed-}" "${LENGTH[@]}") ;;
-    *-LL|*-C)
-      local est=${stage%-*} oracle=correctness
-      [ "${stage##*-}" = LL ] && oracle=likelihood
+    *-LL|*-C|*-LL+*|*-C+*)
+      # <estimator>-<LL|C>[+l<λ>][+s<σ>][+frozen]: the oracle's λ and σ, the frozen variant (λ/σ sweeps, §4.3)
+      local base=${stage%%+*} opts="" lambda=${LAMBDA:-0.1} sigma=${SIGMA:-0} mode=()
+      [ "$base" = "$stage" ] || opts=${stage#*+}
+      local opt
+      for opt in ${opts//+/ }; do
+        case "$opt" in
+          l*) lambda=${opt#l} ;;
+          s*) sigma=${opt#s} ;;
+          frozen) mode=(--train-estimator-only) ;;
+          *) echo "error: stage $stage: unknown option '+$opt' (+l<lambda>, +s<sigma>, +frozen)" >&2; return 1 ;;
+        esac
+      done
+      local est=${base%-*} oracle=correctness
+      [ "${base##*-}" = LL ] && oracle=likelihood
       [ "$est" = geometric ] && est=token-geometric
       local init=()
       if [ ! -f "$dir/checkpoint_last.pt" ]; then
@@ -57,7 +70,7 @@ train_stage() {  # train_stage STAGE
         init=(--finetune-from-model "$RUN_DIR/aligned/checkpoint_best.pt")
       fi
       extra=(--depth-estimator "$est" --criterion adaptive_label_smoothed_cross_entropy --depth-oracle "$oracle"
-             --oracle-lambda "${LAMBDA:-0.1}" --oracle-sigma "${SIGMA:-0}" --exit-loss-alpha "${ALPHA:-1.0}"
+             --oracle-lambda "$lambda" --oracle-sigma "$sigma" --exit-loss-alpha "${ALPHA:-1.0}" "${mode[@]}"
              "${init[@]}" "${STAGE2_LENGTH[@]}" "${STAGE2_FLAGS[@]}") ;;
     *) echo "error: unknown stage '$stage' (aligned, baseline-N, mixed-M, <estimator>-LL|C)" >&2; return 1 ;;
   esac
@@ -114,7 +127,7 @@ eval_stage() {  # eval_stage STAGE SUBSET   (EVAL_JOBS=k runs k settings at a ti
       settings+=("uniform|--exit-strategy uniform")
       for n in $(seq 1 "$NUM_EXITS"); do settings+=("exit$n|--fixed-exit $n"); done
       for t in $CONF_THRESHOLDS; do settings+=("conf$t|--exit-strategy confidence --exit-threshold $t"); done ;;
-    *-LL|*-C)
+    *-LL|*-C|*-LL+*|*-C+*)
       for t in $THRESHOLDS; do settings+=("thr$t|--exit-threshold $t"); done ;;
   esac
   local item flags

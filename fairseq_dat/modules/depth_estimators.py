@@ -283,9 +283,8 @@ class TokenGeometric(DepthEstimator):
     The generator calls ``halting_prob`` and ``geometric_halts`` after each block it runs.
 
     ``separate_halting``: False (default) shares one Linear(C, 1) across blocks, as the paper's formula
-    writes a single (w_h, b_h), and §1.1 describes the geometric halter as one linear layer with output
-    size 1. True gives each block n its own Linear(C, 1), the ``separate_halting_predictors`` flag of
-    the authors' unfinished code.
+    writes a single (w_h, b_h) for the geometric-like estimator (§3.2). True gives each block n its own
+    Linear(C, 1), a variant the paper does not report.
     """
 
     level = "token"
