@@ -12,7 +12,11 @@ For each decoding setting (batch size x beam size) the same batches (fairseq's
                       exit k as output layer: the fastest that decoding at average exit k can be;
 4. ``estimator T``    ours with the checkpoint's depth estimator at each threshold T, and
    ``confidence T``   ours with confidence thresholding at each T;
-5. ``ct2 float32/int8`` CTranslate2 on the full-depth model (skipped with a reason if unavailable).
+5. ``ct2 float32/int8`` CTranslate2 on the full-depth model (skipped with a reason if unavailable);
+6. ``ct2 TYPE exit k``  CTranslate2 on exit k exported as its own model (``fairseq_dat.ctranslate2``), and
+   ``ct2 TYPE adaptive T`` each sentence at the depth its sequence-level estimator predicts at threshold T,
+                      printed also against row 5 of the same type (``CT2 RESULT``: the fastest within
+                      --bleu-tolerance of it).
 
 Each row reports tokens/s and sentences/s (median of interleaved repeats; only the generator calls
 are timed), BLEU (fairseq's tokenized BLEU scorer on --remove-bpe'd output, one scorer for all rows),
@@ -25,13 +29,11 @@ Time per token also depends on output length (rows whose outputs are longer or s
 quite comparable); ``--fixed-length L`` forces every row to L tokens for a like-for-like timing.
 
 The last line printed is machine-readable (first setting, by default beam 5 x batch 64):
-``RESULT speedup=… ideal=… efficiency=… bleu_delta=… ae=… overhead=…``.
+``RESULT speedup=… ideal=… efficiency=… bleu_delta=… ae=… overhead=… ct2_f32=… ct2_int8=… eff_min=…``.
 A markdown table and a PNG (BLEU against tokens/s) go to ``--out-dir``.
 """
 import argparse
 from abc import ABC, abstractmethod
-import copy
-import logging
 import os
 import platform
 import shutil
@@ -47,15 +49,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import fairseq_dat  # noqa: F401  (first: registers the plugin, allows fairseq checkpoints to load)
 import torch
 import torch.nn as nn
-from fairseq import checkpoint_utils, utils
-from fairseq.data import BaseWrapperDataset
-from fairseq.models.transformer import TransformerModel
-from fairseq.scoring.bleu import BleuConfig, Scorer
+from fairseq import checkpoint_utils
 from fairseq.sequence_generator import SequenceGenerator
 
-from fairseq_dat.flops import DecoderDims, flops_per_token
-from fairseq_dat.models.adaptive_transformer import ADAPTIVE_PARAM_PREFIXES
+from fairseq_dat.cli import quiet_root_logger, run_main
+from fairseq_dat.cli.generate_like import GenerateBleu, generate_batches
+from fairseq_dat.cli.threshold_search import parse_sweep_values
+from fairseq_dat.flops import DecoderDims, exit_rule, flops_per_token
 from fairseq_dat.sequence_generator import AdaptiveSequenceGenerator
+from fairseq_dat.stock_exits import stock_args, truncated_stock_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT_DIR = os.path.join(os.path.dirname(REPO), "runs", "benchmarks")
@@ -123,10 +125,6 @@ def parse_setting(text: str) -> Tuple[int, int]:
     return batch, beam
 
 
-def parse_floats(text: str) -> List[float]:
-    return [float(part) for part in text.split(",") if part.strip()]
-
-
 def machine_description(threads: int) -> str:
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -141,71 +139,12 @@ def machine_description(threads: int) -> str:
 # ---- data ---------------------------------------------------------------------------------------
 
 
-class FirstSentences(BaseWrapperDataset):
-    """The first ``n`` sentences of a dataset (in corpus order), batched by fairseq as usual."""
-
-    def __init__(self, dataset, n: int):
-        super().__init__(dataset)
-        self.n = min(n, len(dataset))
-
-    def __len__(self):
-        return self.n
-
-    @property
-    def sizes(self):
-        return self.dataset.sizes[: self.n]
-
-    def ordered_indices(self):
-        order = self.dataset.ordered_indices()
-        return order[order < self.n]
-
-
 def load_batches(task, models, subset: str, batch_size: int, max_sentences: Optional[int]) -> List[dict]:
     """fairseq-generate's batches (``--batch-size``, sorted by length, no shuffling), materialized."""
-    dataset = task.dataset(subset)
-    if max_sentences is not None:
-        dataset = FirstSentences(dataset, max_sentences)
-    itr = task.get_batch_iterator(
-        dataset=dataset, max_sentences=batch_size,
-        max_positions=utils.resolve_max_positions(task.max_positions(), *[m.max_positions() for m in models]),
-        ignore_invalid_inputs=False, required_batch_size_multiple=1, disable_iterator_cache=True,
-    ).next_epoch_itr(shuffle=False)
-    return [batch for batch in itr if "net_input" in batch]
+    return generate_batches(task, models, task.dataset(subset), batch_size, first_n=max_sentences)
 
 
 # ---- models ---------------------------------------------------------------------------------------
-
-
-def stock_args(model_args):
-    """The checkpoint's model args as a stock ``transformer`` (plain translation task, no plugin)."""
-    args = copy.deepcopy(model_args)
-    args.arch = args._name = "transformer"
-    args.task = "translation"
-    args.user_dir = None
-    args.criterion = "label_smoothed_cross_entropy"
-    return args
-
-
-def truncated_stock_model(adaptive, model_args, task, k: int) -> TransformerModel:
-    """fairseq's stock ``TransformerModel`` with the adaptive model's encoder, its first k decoder
-    blocks, and exit k (its layer norm and classifier) as output layer; k = N is the full model."""
-    decoder = adaptive.decoder
-    n = decoder.num_layers
-    args = stock_args(model_args)
-    args.decoder_layers = k
-    model = TransformerModel.build_model(args, task)
-    state = {key: value for key, value in adaptive.state_dict().items()
-             if not key.startswith(ADAPTIVE_PARAM_PREFIXES)
-             and not (key.startswith("decoder.layers.") and int(key.split(".")[2]) >= k)}
-    model.load_state_dict(state, strict=True)
-    if k < n:  # exit k's head; a fresh module, so tied input embeddings stay untouched
-        head = decoder.exit_projection(k)
-        proj = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
-        proj.load_state_dict(head.state_dict())
-        model.decoder.output_projection = proj
-        if model.decoder.layer_norm is not None:
-            model.decoder.layer_norm = copy.deepcopy(decoder.exit_layer_norms[k - 1])
-    return model.eval()
 
 
 # ---- rows -----------------------------------------------------------------------------------------
@@ -228,6 +167,8 @@ class Row(ABC):
     kind: str
     flops_rule: str = "none"  # the Appendix-B exit-prediction cost to count
     flops_layers: Optional[int] = None  # blocks the FLOPs model sees (k for the truncated limit)
+    exit_block: Optional[int] = None  # 1-based: the blocks a limit row has, the exit of a fixed row
+    threshold: Optional[float] = None  # --exit-threshold of an estimator or confidence row
     times: List[float] = field(default_factory=list)
     outputs: List[Output] = field(default_factory=list)
     compute_ae: float = float("nan")
@@ -251,7 +192,7 @@ class FairseqRow(Row):
     """fairseq's ``SequenceGenerator`` on a stock transformer of ``blocks`` decoder blocks."""
 
     def __init__(self, name, kind, model, tgt_dict, search: "Search", blocks):
-        super().__init__(name, kind, flops_layers=blocks)
+        super().__init__(name, kind, flops_layers=blocks, exit_block=blocks)
         self.model, self.tgt_dict, self.search, self.blocks = model, tgt_dict, search, blocks
         self.compute_ae = float(blocks)
 
@@ -273,6 +214,9 @@ class AdaptiveRow(FairseqRow):
         super().__init__(name, kind, model, tgt_dict, search, model.decoder.num_layers)
         self.flops_rule = flops_rule
         self.exit_kwargs = exit_kwargs
+        self.exit_block = exit_kwargs.get("fixed_exit")
+        threshold = exit_kwargs.get("exit_threshold")
+        self.threshold = float(threshold) if threshold is not None else None
 
     def start(self):
         self.generator = AdaptiveSequenceGenerator([self.model], self.tgt_dict, **self.search.fairseq_kwargs(),
@@ -341,6 +285,93 @@ def ct2_sources(dataset, src_dict) -> Dict[int, List[str]]:
     return sources
 
 
+class CT2AdaptiveRow(Row):
+    """``fairseq_dat.ctranslate2.AdaptiveTranslator`` on the per-exit export: exit k's model for every
+    sentence (``ct2 TYPE exit k``, ``route={"fixed_exit": k}``), or each sentence at the depth its
+    sequence estimator predicts (``ct2 TYPE adaptive T=τ``, ``route={"exit_threshold": τ}``): the
+    sentences of each benchmark batch are routed (one encoder pass more each) and grouped by depth."""
+
+    def __init__(self, name, kind, translator, sources, tgt_dict, search: "Search", blocks, route: dict):
+        super().__init__(name, kind, flops_layers=blocks, exit_block=route.get("fixed_exit"),
+                         threshold=route.get("exit_threshold"))
+        self.translator, self.sources, self.tgt_dict, self.search, self.route = translator, sources, tgt_dict, search, route
+        if "fixed_exit" in route:
+            self.compute_ae = float(route["fixed_exit"])
+
+    def generate(self, batch):
+        tokens = [self.sources[sid] for sid in batch["id"].tolist()]
+        options = self.search.ct2_kwargs()
+        return self.translator.translate(tokens, beam=options.pop("beam_size"), batch_size=len(tokens), **options,
+                                         **self.route)
+
+    def unpack(self, batch, results):
+        outputs = []
+        for sid, result in zip(batch["id"].tolist(), results):
+            tokens = [self.tgt_dict.index(tok) for tok in result.tokens] + [self.tgt_dict.eos()]
+            outputs.append(Output(int(sid), tokens, [result.depth] * len(tokens)))
+        return outputs
+
+
+CT2_COMPUTE_TYPES = ("float32", "int8")
+
+
+def export_ct2_exits(ctx, workdir: str) -> Optional[str]:
+    """Every exit exported by ``fairseq_dat.ctranslate2.export`` (float32; int8 rows quantize on load),
+    or None (with the reason printed) where CTranslate2 or the checkpoint cannot serve it."""
+    if ctx.ct2 is None:
+        return None
+    from fairseq_dat.ctranslate2 import export
+    from fairseq_dat.errors import ConfigError
+
+    out_dir = os.path.join(workdir, "ct2_exits")
+    try:
+        export(ctx.model, ctx.model_args, ctx.task, out_dir, list(range(1, ctx.dims.num_layers + 1)),
+               log=lambda *_: None)
+    except ConfigError as err:
+        print(f"CTranslate2 exit rows skipped: {err}")
+        return None
+    return out_dir
+
+
+def ct2_adaptive_rows(ctx, search: "Search", args, est_thresholds, sources, fixed_exits) -> List[Row]:
+    """``ct2 TYPE exit k`` for the fixed exits of this setting and ``ct2 TYPE adaptive T=τ`` for the
+    estimator thresholds (sequence-level estimators only), float32 and int8."""
+    if getattr(ctx, "ct2_exits", None) is None:
+        return []
+    from fairseq_dat.ctranslate2 import AdaptiveTranslator
+
+    tgt_dict, n, rows = ctx.task.target_dictionary, ctx.dims.num_layers, []
+    for compute_type in CT2_COMPUTE_TYPES:
+        translator = AdaptiveTranslator(ctx.ct2_exits, threads=args.threads, compute_type=compute_type)
+        rows += [CT2AdaptiveRow(f"ct2 {compute_type} exit {k}", "ct2-exit", translator, sources, tgt_dict, search, n,
+                                {"fixed_exit": k}) for k in fixed_exits]
+        if translator.estimator is not None:
+            rows += [CT2AdaptiveRow(f"ct2 {compute_type} adaptive T={t:g}", "ct2-adaptive", translator, sources,
+                                    tgt_dict, search, n, {"exit_threshold": t}) for t in est_thresholds]
+    return rows
+
+
+def ct2_relative_lines(summaries, tolerance: float) -> List[str]:
+    """Each CTranslate2 exit/adaptive row against CTranslate2 at full depth of the same compute type,
+    and the fastest adaptive row within ``tolerance`` BLEU of it (``CT2 RESULT``)."""
+    lines = []
+    for compute_type in CT2_COMPUTE_TYPES:
+        base = next((s for s in summaries if s.name == f"ct2 {compute_type}"), None)
+        ours = [s for s in summaries if s.kind in ("ct2-exit", "ct2-adaptive") and s.name.startswith(f"ct2 {compute_type} ")]
+        if base is None or not ours:
+            continue
+        for s in ours:
+            lines.append(f"{s.name}: {s.tokens_per_s / base.tokens_per_s:.2f}x ct2 {compute_type} full depth, "
+                         f"{s.speedup:.2f}x fairseq, BLEU {s.bleu - base.bleu:+.2f} against it, AE {s.ae:.2f}")
+        good = [s for s in ours if s.kind == "ct2-adaptive" and s.bleu >= base.bleu - tolerance]
+        best = max(good, key=lambda s: s.tokens_per_s) if good else None
+        lines.append(f"CT2 RESULT {compute_type}: " + (
+            f"{best.name} speedup_vs_ct2_full={best.tokens_per_s / base.tokens_per_s:.4f} "
+            f"speedup_vs_fairseq={best.speedup:.4f} bleu_delta={best.bleu - base.bleu:.4f} ae={best.ae:.4f}"
+            if best else f"no adaptive row within {tolerance} BLEU of ct2 {compute_type} full depth"))
+    return lines
+
+
 # ---- measuring ------------------------------------------------------------------------------------
 
 
@@ -371,25 +402,15 @@ def measure(rows: Sequence[Row], batches, repeats: int):
 
 
 class BleuReferee:
-    """fairseq-generate's tokenized BLEU with --remove-bpe, for every row alike."""
+    """fairseq-generate's tokenized BLEU with --remove-bpe (``GenerateBleu``), for every row alike."""
 
     def __init__(self, dataset, tgt_dict):
-        self.tgt_dict = tgt_dict
-        self.score_dict = copy.deepcopy(tgt_dict)  # encode_line adds unseen words: keep them off the model's
-        self.refs = {}
-        self.dataset = dataset
-
-    def reference(self, sid: int):
-        if sid not in self.refs:
-            text = self.tgt_dict.string(self.dataset.tgt[sid], REMOVE_BPE, escape_unk=True)
-            self.refs[sid] = self.score_dict.encode_line(text, add_if_not_exist=True)
-        return self.refs[sid]
+        self.dataset, self.tgt_dict = dataset, tgt_dict
 
     def bleu(self, outputs: Sequence[Output]) -> float:
-        scorer = Scorer(BleuConfig(pad=self.tgt_dict.pad(), eos=self.tgt_dict.eos(), unk=self.tgt_dict.unk()))
+        scorer = GenerateBleu(self.tgt_dict, REMOVE_BPE)
         for out in outputs:
-            text = self.tgt_dict.string(torch.tensor(out.tokens), REMOVE_BPE)
-            scorer.add(self.reference(out.sample_id), self.score_dict.encode_line(text, add_if_not_exist=True))
+            scorer.add(self.dataset.tgt[out.sample_id], torch.tensor(out.tokens))
         return scorer.score()
 
 
@@ -404,6 +425,8 @@ class Summary:
     compute_ae: float
     mflops: float
     length: float  # output tokens per sentence, EOS included
+    exit_block: Optional[int] = None  # the row's (Row.exit_block)
+    threshold: Optional[float] = None  # the row's (Row.threshold)
     speedup: float = float("nan")
     ideal: float = float("nan")
     efficiency: float = float("nan")
@@ -419,7 +442,8 @@ def summarize(row: Row, referee: BleuReferee, dims: DecoderDims, src_lengths: Di
     mflops = flops_per_token(layer_dims, ((o.exits, src_lengths[o.sample_id]) for o in row.outputs),
                              row.flops_rule) / 1e6
     return Summary(row.name, row.kind, ntokens / seconds, len(row.outputs) / seconds, referee.bleu(row.outputs),
-                   sum(exits) / len(exits), row.compute_ae, mflops, ntokens / len(row.outputs))
+                   sum(exits) / len(exits), row.compute_ae, mflops, ntokens / len(row.outputs), row.exit_block,
+                   row.threshold)
 
 
 def add_speedups(summaries: List[Summary], limit_tpt: Dict[int, float]):
@@ -472,15 +496,23 @@ def markdown_table(summaries: List[Summary]) -> str:
 
 
 def result_line(summaries: List[Summary], tolerance: float, kinds=("estimator", "confidence")) -> str:
-    """RESULT over the adaptive rows (``kinds``; add "fixed" to let --fixed-exit settings compete)."""
+    """RESULT over the adaptive rows (``kinds``; add "fixed" to let --fixed-exit settings compete), with
+    where the engine stands: ``ct2_f32`` / ``ct2_int8`` (CTranslate2 at full depth, speedup against row 1)
+    and ``eff_min``, the lowest efficiency over the estimator rows (stragglers: a few rows that go deep)."""
     base = summaries[0]
     ours = next(s for s in summaries if s.kind == "ours")
     overhead = base.tokens_per_s / ours.tokens_per_s  # time(row 2) / time(row 1) per token
+    engine = {name: next((s.speedup for s in summaries if s.kind == "ct2" and s.name == f"ct2 {name}"), float("nan"))
+              for name in ("float32", "int8")}
+    efficiencies = [s.efficiency for s in summaries if s.kind in ("estimator", "confidence")
+                    and s.efficiency == s.efficiency]
+    tail = (f"overhead={overhead:.4f} ct2_f32={engine['float32']:.4f} ct2_int8={engine['int8']:.4f} "
+            f"eff_min={min(efficiencies) if efficiencies else float('nan'):.4f}")
     best = best_adaptive(summaries, tolerance, kinds)
     if best is None:
-        return f"RESULT speedup=nan ideal=nan efficiency=nan bleu_delta=nan ae=nan overhead={overhead:.4f}"
+        return f"RESULT speedup=nan ideal=nan efficiency=nan bleu_delta=nan ae=nan {tail}"
     return (f"RESULT speedup={best.speedup:.4f} ideal={best.ideal:.4f} efficiency={best.efficiency:.4f} "
-            f"bleu_delta={best.bleu - base.bleu:.4f} ae={best.ae:.4f} overhead={overhead:.4f}")
+            f"bleu_delta={best.bleu - base.bleu:.4f} ae={best.ae:.4f} {tail}")
 
 
 def write_plot(per_setting: Dict[str, List[Summary]], path: str):
@@ -523,6 +555,7 @@ class Context:
     dims: DecoderDims
     limits: Dict[int, nn.Module]
     ct2: Optional[Tuple[object, str]]
+    ct2_exits: Optional[str] = None  # fairseq_dat.ctranslate2 export of every exit (ct2 exit/adaptive rows)
 
 
 @dataclass
@@ -560,7 +593,7 @@ def build_rows(ctx: Context, search: Search, args, est_thresholds, conf_threshol
     if kv_rows:
         rows.append(AdaptiveRow("ours fixed=1 eager K/V", "fixed-eager", ctx.model, tgt_dict, search, fixed_exit=1,
                                 exit_kv="eager"))
-    rule = getattr(ctx.model.decoder, "depth_estimator_name", "none")
+    rule = exit_rule("estimator", ctx.model.decoder.depth_estimator.name) if est_thresholds else "none"
     if est_thresholds and kv_rows:
         rows.append(AdaptiveRow(f"estimator T={est_thresholds[0]:g} eager K/V", "estimator-eager", ctx.model, tgt_dict,
                                 search, flops_rule=rule, exit_strategy="estimator",
@@ -568,7 +601,7 @@ def build_rows(ctx: Context, search: Search, args, est_thresholds, conf_threshol
     rows += [AdaptiveRow(f"estimator T={t:g}", "estimator", ctx.model, tgt_dict, search,
                          flops_rule=rule, exit_strategy="estimator", exit_threshold=str(t)) for t in est_thresholds]
     rows += [AdaptiveRow(f"confidence T={t:g}", "confidence", ctx.model, tgt_dict, search,
-                         flops_rule="confidence", exit_strategy="confidence", exit_threshold=str(t))
+                         flops_rule=exit_rule("confidence"), exit_strategy="confidence", exit_threshold=str(t))
              for t in conf_thresholds]
     if ctx.ct2 is not None:
         ctranslate2, model_dir = ctx.ct2
@@ -576,6 +609,7 @@ def build_rows(ctx: Context, search: Search, args, est_thresholds, conf_threshol
             translator = ctranslate2.Translator(model_dir, device="cpu", compute_type=compute_type,
                                                 inter_threads=1, intra_threads=args.threads)
             rows.append(CT2Row(f"ct2 {compute_type}", translator, sources, tgt_dict, search, n))
+    rows += ct2_adaptive_rows(ctx, search, args, est_thresholds, sources, fixed_exits)
     return rows
 
 
@@ -626,7 +660,7 @@ def run_setting(ctx: Context, args, batch_size: int, beam: int, est_thresholds, 
                    for sid, length in zip(b["id"].tolist(), b["net_input"]["src_lengths"].tolist())}
     summaries = [summarize(row, referee, ctx.dims, src_lengths) for row in rows]
     n = ctx.dims.num_layers
-    limit_tpt = {int(s.name.split("=")[1]): 1.0 / s.tokens_per_s for s in summaries if s.kind == "limit"}
+    limit_tpt = {s.exit_block: 1.0 / s.tokens_per_s for s in summaries if s.kind == "limit"}
     limit_tpt[n] = 1.0 / summaries[0].tokens_per_s
     add_speedups(summaries, limit_tpt)
     check_reference_rows(rows)
@@ -634,18 +668,18 @@ def run_setting(ctx: Context, args, batch_size: int, beam: int, est_thresholds, 
     return summaries
 
 
-def carried_thresholds(summaries: List[Summary], kind: str, tolerance: float) -> List[float]:
-    """The first setting's best threshold of one rule, for later settings (--quick)."""
+def carried_row(summaries: List[Summary], kind: str, tolerance: float) -> Optional[Summary]:
+    """The first setting's best row of one kind, whose threshold or exit later settings rerun (--quick)."""
     best = best_adaptive(summaries, tolerance, kinds=(kind,))
     if best is None:  # none within tolerance: the most conservative one
         candidates = [s for s in summaries if s.kind == kind]
         best = max(candidates, key=lambda s: s.bleu) if candidates else None
-    return [float(best.name.split("=")[1])] if best else []
+    return best
 
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, force=True)  # keep fairseq's loading chatter out of the tables
+    quiet_root_logger()  # keep fairseq's loading chatter out of the tables
     warnings.filterwarnings("ignore", message=".*(pin_memory|weights_only).*")
     torch.set_num_threads(args.threads)
     machine = machine_description(args.threads)
@@ -654,10 +688,13 @@ def main(argv=None):
     print(f"load average before start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     with tempfile.TemporaryDirectory(prefix="dat-bench-") as workdir:
         ctx = load_context(args, workdir)
-        est = parse_floats(args.estimator_thresholds) if ctx.model.decoder.depth_estimator is not None else []
+        ctx.ct2_exits = export_ct2_exits(ctx, workdir)
+        quiet_root_logger()  # loading the checkpoint through hydra turned it up again
+        est = parse_sweep_values(args.estimator_thresholds, "--estimator-thresholds") \
+            if ctx.model.decoder.depth_estimator is not None else []
         if not est:
             print("estimator rows skipped: the checkpoint has no trained depth estimator")
-        conf = parse_floats(args.confidence_thresholds)
+        conf = parse_sweep_values(args.confidence_thresholds, "--confidence-thresholds")
         dataset = ctx.task.dataset(args.subset)
         sources = ct2_sources(dataset, ctx.task.source_dictionary) if ctx.ct2 else {}
         referee = BleuReferee(dataset, ctx.task.target_dictionary)
@@ -674,10 +711,13 @@ def main(argv=None):
             print(f"BEST {name}: {result_line(summaries, args.bleu_tolerance)[len('RESULT '):]}", flush=True)
             print(f"BEST incl. fixed exits {name}: "
                   f"{result_line(summaries, args.bleu_tolerance, FIXED_TOO)[len('RESULT '):]}", flush=True)
+            print("\n".join(ct2_relative_lines(summaries, args.bleu_tolerance)), flush=True)
             if i == 0 and not args.full_sweep_everywhere:
-                est = carried_thresholds(summaries, "estimator", args.bleu_tolerance)
-                conf = carried_thresholds(summaries, "confidence", args.bleu_tolerance)
-                fixed = [int(t) for t in carried_thresholds(summaries, "fixed", args.bleu_tolerance)] or [1]
+                best = {kind: carried_row(summaries, kind, args.bleu_tolerance)
+                        for kind in ("estimator", "confidence", "fixed")}
+                est = [best["estimator"].threshold] if best["estimator"] else []
+                conf = [best["confidence"].threshold] if best["confidence"] else []
+                fixed = [best["fixed"].exit_block] if best["fixed"] else [1]
                 kv_rows = False  # the eager K/V comparison: first setting only
     write_reports(args, machine, per_setting)
     print(result_line(next(iter(per_setting.values())), args.bleu_tolerance))
@@ -694,9 +734,10 @@ def write_reports(args, machine: str, per_setting: Dict[str, List[Summary]]):
             f.write(f"\n## {name}\n\n{markdown_table(summaries)}\n\n"
                     f"{result_line(summaries, args.bleu_tolerance)}\n\n"
                     f"with --fixed-exit rows: {result_line(summaries, args.bleu_tolerance, FIXED_TOO)}\n")
+            f.write("".join(f"\n{line}\n" for line in ct2_relative_lines(summaries, args.bleu_tolerance)))
     write_plot(per_setting, png_path)
     print(f"\nwrote {md_path} and {png_path}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

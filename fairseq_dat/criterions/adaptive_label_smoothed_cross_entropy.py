@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 from fairseq import utils
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (
@@ -29,7 +28,7 @@ from fairseq.logging import metrics
 from ..errors import ConfigError
 from ..modules.depth_estimators import estimator_correct_count, estimator_loss
 from ..modules.fused_exit_loss import fused_exit_loss
-from ..oracles import IGNORE_EXIT, exit_oracle
+from ..oracles import exit_oracle
 
 EXIT_WEIGHT_SCHEMES = {
     "uniform": lambda n: 1.0,
