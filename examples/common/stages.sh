@@ -15,7 +15,8 @@
 # Stages (each resumable: rerunning continues from RUN_DIR/<stage>/checkpoint_last.pt):
 #   aligned | baseline-N (N decoder blocks, one exit) | mixed-M | <estimator>-<LL|C>
 #   (estimator: sequence, token-multinomial, geometric = token-geometric, ...; stage 2 from aligned;
-#   suffixes +l<λ> +s<σ> +frozen, e.g. geometric-LL+l0.2+s1, for the λ/σ sweeps and the frozen variant)
+#   suffixes +l<λ> +s<σ> +frozen +separate, e.g. geometric-LL+l0.2+s1, for the λ/σ sweeps, the frozen
+#   variant and per-block halting units)
 # Evaluation: eval STAGE SUBSET writes RUN_DIR/STAGE/generate-SUBSET-SETTING.log for
 #   SETTING = full, exit1..exitN (aligned/mixed), thr<T> (estimators), conf<T> (aligned: confidence).
 #   EVAL_SENTENCES=N decodes only the first N pairs of SUBSET (binarized once with the model's
@@ -49,16 +50,18 @@ train_stage() {  # train_stage STAGE
     mixed-[0-9]*) extra=(--criterion adaptive_label_smoothed_cross_entropy --exit-training mixed
                          --mixed-samples "${stage#mixed-}" "${LENGTH[@]}") ;;
     *-LL|*-C|*-LL+*|*-C+*)
-      # <estimator>-<LL|C>[+l<λ>][+s<σ>][+frozen]: the oracle's λ and σ, the frozen variant (λ/σ sweeps, §4.3)
+      # <estimator>-<LL|C>[+l<λ>][+s<σ>][+frozen][+separate]: the oracle's λ and σ (sweeps, §4.3), the frozen
+      # variant, one halting unit per block (token-geometric --separate-halting)
       local base=${stage%%+*} opts="" lambda=${LAMBDA:-0.1} sigma=${SIGMA:-0} mode=()
       [ "$base" = "$stage" ] || opts=${stage#*+}
       local opt
       for opt in ${opts//+/ }; do
         case "$opt" in
-          l*) lambda=${opt#l} ;;
-          s*) sigma=${opt#s} ;;
-          frozen) mode=(--train-estimator-only) ;;
-          *) echo "error: stage $stage: unknown option '+$opt' (+l<lambda>, +s<sigma>, +frozen)" >&2; return 1 ;;
+          frozen) mode+=(--train-estimator-only) ;;
+          separate) mode+=(--separate-halting) ;;
+          l[0-9.]*) lambda=${opt#l} ;;
+          s[0-9.]*) sigma=${opt#s} ;;
+          *) echo "error: stage $stage: unknown option '+$opt' (+l<lambda>, +s<sigma>, +frozen, +separate)" >&2; return 1 ;;
         esac
       done
       local est=${base%-*} oracle=correctness
