@@ -123,8 +123,10 @@ def read(path):
     speed = float(re.search(r"([0-9.]+) tokens/s\)", text).group(1))
     return bleu, float(ae.group(1)) if ae else 6.0, speed
 full, ours = read(sys.argv[1]), read(sys.argv[2])
-print(f"{'setting':<28} {'BLEU':>6} {'AE':>6} {'tokens/s':>9} {'speed-up':>8}")
-print(f"{'full depth':<28} {full[0]:>6.2f} {full[1]:>6.2f} {full[2]:>9.1f} {1.0:>8.2f}")
-print(f"{'--exit-threshold ' + sys.argv[3]:<28} {ours[0]:>6.2f} {ours[1]:>6.2f} {ours[2]:>9.1f} {ours[2] / full[2]:>8.2f}")
+label = "--exit-threshold " + sys.argv[3]
+width = max(len(label), 10)
+print(f"{'setting':<{width}} {'BLEU':>6} {'AE':>6} {'tokens/s':>9} {'speed-up':>8}")
+print(f"{'full depth':<{width}} {full[0]:>6.2f} {full[1]:>6.2f} {full[2]:>9.1f} {1.0:>8.2f}")
+print(f"{label:<{width}} {ours[0]:>6.2f} {ours[1]:>6.2f} {ours[2]:>9.1f} {ours[2] / full[2]:>8.2f}")
 print(f"RESULT bleu_delta={ours[0] - full[0]:+.2f} ae={ours[1]:.2f} speedup={ours[2] / full[2]:.2f} (test, calibrated on valid)")
 PY
