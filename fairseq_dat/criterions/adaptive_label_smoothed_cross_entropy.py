@@ -226,11 +226,10 @@ class AdaptiveLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriter
             loss_n = sum(log.get(f"loss_exit{n}", 0) for log in logging_outputs)
             nll_n = sum(log.get(f"nll_loss_exit{n}", 0) for log in logging_outputs)
             # aligned: every exit sees every token; mixed: exit n's loss is over the tokens that exited at n
-            size_n = tokens_n = ntokens
             if any(f"ntokens_exit{n}" in log for log in logging_outputs):
                 size_n = tokens_n = sum(log.get(f"ntokens_exit{n}", 0) for log in logging_outputs)
             else:
-                size_n = sample_size
+                size_n, tokens_n = sample_size, ntokens
             if size_n > 0:
                 metrics.log_scalar(f"loss_exit{n}", loss_n / size_n / math.log(2), size_n, round=3)
             if tokens_n > 0:
