@@ -13,6 +13,7 @@ Two modes:
 
     # speed only: a model of the demo shape with random weights built here (no data, no checkpoint)
     python benchmarks/profile_generation.py --random-model [--batch-size 64] [--beam 5] [--threads 2]
+        [--shape demo|w256 --vocab V] [--only speed|blocks|ops]
 
 ``--random-model`` prints (1) decoding tokens/s of fairseq's ``SequenceGenerator``, of ours at full
 depth through fairseq's layers (``--decoder-step fairseq``, without and with ``--fixed-exit N``) and
@@ -20,6 +21,9 @@ through the lean step, and of uniformly random token exits on both steps, on the
 one process, with their ratios (the uniform rows emit different tokens: compare their times); (2) the cost of one
 call of one decoder block against the number of rows that run it (the others exited: the copy
 rule's keys/values still cover every row), before (fairseq's layer path) and after (lean step).
+``--only ops`` instead: one pass of fairseq's generator and of ours (lean step) at full depth under
+torch.profiler, the operators' self time by kind (matrix products, attention, log_softmax, beam search
+selection, copies/indexing, …) and the wall time outside operators: where the remaining time goes.
 Random weights: the hypotheses are meaningless, only the times are.
 """
 import argparse
@@ -41,6 +45,11 @@ from fairseq_dat.sequence_generator import AdaptiveSequenceGenerator
 DEMO_SHAPE = ["--encoder-layers", "3", "--decoder-layers", "6", "--encoder-embed-dim", "128",
               "--decoder-embed-dim", "128", "--encoder-ffn-embed-dim", "512", "--decoder-ffn-embed-dim", "512",
               "--encoder-attention-heads", "4", "--decoder-attention-heads", "4"]
+# the reduced IWSLT shape of examples/multi30k_de_en/reproduce_cpu.sh (6+6 blocks, width 256, FFN 1024)
+W256_SHAPE = ["--encoder-layers", "6", "--decoder-layers", "6", "--encoder-embed-dim", "256",
+              "--decoder-embed-dim", "256", "--encoder-ffn-embed-dim", "1024", "--decoder-ffn-embed-dim", "1024",
+              "--encoder-attention-heads", "4", "--decoder-attention-heads", "4"]
+SHAPES = {"demo": DEMO_SHAPE, "w256": W256_SHAPE}
 ROWS = (1, 2, 8, 64, 320)
 
 
@@ -50,6 +59,8 @@ def parse_args():
     p.add_argument("--path")
     p.add_argument("--random-model", action="store_true", help="demo-shape model with random weights (speed only)")
     p.add_argument("--vocab", type=int, default=3000, help="--random-model: dictionary size")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="demo",
+                   help="--random-model: the demo's 3+6 x 128 or the reduced IWSLT 6+6 x 256 (use --vocab 7872)")
     p.add_argument("--src-len", type=int, default=14, help="--random-model: source length")
     p.add_argument("--tgt-len", type=int, default=16, help="--random-model: decoding steps (min = max length)")
     p.add_argument("--subset", default="test")
@@ -64,7 +75,8 @@ def parse_args():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="timed passes per generator (best is kept)")
     p.add_argument("--top", type=int, default=30)
-    p.add_argument("--only", choices=("speed", "blocks"), help="--random-model: one of the two reports")
+    p.add_argument("--only", choices=("speed", "blocks", "ops"),
+                   help="--random-model: one report (ops: the torch.profiler breakdown, not run by default)")
     p.add_argument("--compare", action="store_true",
                    help="checkpoint: compare hypotheses instead of profiling: fairseq's SequenceGenerator vs "
                         "ours at full depth on both --decoder-step paths, and lean vs fairseq layers under the "
@@ -78,7 +90,7 @@ def parse_args():
 # ---- a random demo-shape model ---------------------------------------------------------------------
 
 
-def random_model(vocab: int):
+def random_model(vocab: int, shape=DEMO_SHAPE):
     torch.manual_seed(1)
     d = Dictionary()
     for i in range(vocab - d.nspecial):
@@ -86,7 +98,7 @@ def random_model(vocab: int):
     d.finalize(padding_factor=1)
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, ["/dev/null", "--task", "translation", "--arch",
-                                                "adaptive_transformer", *DEMO_SHAPE])
+                                                "adaptive_transformer", *shape])
     task = TranslationTask(args, d, d)
     return task.build_model(args).eval(), d
 
@@ -211,11 +223,75 @@ def block_call_costs(model, d, args, cache_len: int = 12, block: int = 3, calls:
 
 
 def random_model_report(args):
-    model, d = random_model(args.vocab)
+    model, d = random_model(args.vocab, SHAPES[args.shape])
+    batches = random_batches(d, args.batches, args.batch_size, args.src_len)
+    if args.only == "ops":
+        return op_breakdown(model, d, batches, args)
     if args.only != "blocks":
-        generation_speed(model, d, random_batches(d, args.batches, args.batch_size, args.src_len), args)
+        generation_speed(model, d, batches, args)
     if args.only != "speed":
         block_call_costs(model, d, args)
+
+
+# ---- where the remaining time goes: torch.profiler, operators by kind ------------------------------
+
+#: operator kinds, by the aten name of the operator whose *self* time is counted (no double counting of
+#: nested calls): the first kind whose prefix matches wins
+OP_KINDS = (
+    ("matrix products (linear layers, output projection)", ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm")),
+    ("attention kernels", ("aten::_scaled_dot_product", "aten::_softmax", "aten::softmax")),
+    ("log_softmax over the vocabulary", ("aten::_log_softmax",)),
+    ("layer norm, activation, residual adds", ("aten::native_layer_norm", "aten::relu", "aten::add", "aten::gelu")),
+    ("beam search selection (topk, sort, div, fmod)", ("aten::topk", "aten::sort", "aten::div", "aten::fmod",
+                                                      "aten::remainder", "aten::floor_divide")),
+    ("copies, concatenation, indexing", ("aten::copy_", "aten::cat", "aten::index", "aten::gather", "aten::scatter",
+                                         "aten::masked", "aten::where", "aten::clone", "aten::_index_put",
+                                         "aten::index_put", "aten::fill_", "aten::zero_")),
+)
+
+
+def op_kind(name: str) -> str:
+    for kind, prefixes in OP_KINDS:
+        if name.startswith(prefixes):
+            return kind
+    return "other operators"
+
+
+def op_breakdown(model, d, batches, args):
+    """One pass of fairseq's SequenceGenerator and of ours (lean step) at full depth under torch.profiler:
+    the self time of the operators by kind, and the rest of the wall time (Python: fairseq's beam search
+    bookkeeping, module calls, our step's control flow), so the remaining gap to a faster generator is
+    measured, not guessed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    search = {"beam_size": args.beam, "max_len_a": 0, "max_len_b": args.tgt_len, "min_len": args.tgt_len}
+    generators = [("fairseq", SequenceGenerator([model], d, **search)),
+                  ("ours (lean)", AdaptiveSequenceGenerator([model], d, **search))]
+    columns = {}
+    with torch.no_grad():
+        for name, gen in generators:
+            gen.generate([model], batches[0])  # warm-up
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                start = time.perf_counter()
+                for batch in batches:
+                    gen.generate([model], batch)
+                wall = time.perf_counter() - start
+            kinds = {}
+            for event in prof.key_averages():
+                kinds[op_kind(event.key)] = kinds.get(op_kind(event.key), 0.0) + event.self_cpu_time_total / 1e6
+            kinds["outside operators (Python)"] = wall - sum(kinds.values())
+            columns[name] = (wall, kinds)
+    print(f"\n== torch.profiler, full depth: {len(batches)} batches x {args.batch_size} sentences, beam {args.beam}, "
+          f"{args.tgt_len} steps, {torch.get_num_threads()} threads (profiled wall time; the profiler adds overhead)")
+    names = [name for name, _ in generators]
+    print(f"{'kind':52} " + " ".join(f"{n + ' s':>14} {'share':>6}" for n in names) + f" {'ours/fairseq':>12}")
+    order = [kind for kind, _ in OP_KINDS] + ["other operators", "outside operators (Python)"]
+    for kind in order:
+        cells = [columns[n][1].get(kind, 0.0) for n in names]
+        print(f"{kind:52} " + " ".join(f"{c:14.3f} {c / columns[n][0]:6.1%}" for c, n in zip(cells, names))
+              + f" {cells[1] / cells[0] if cells[0] else float('nan'):12.2f}")
+    walls = [columns[n][0] for n in names]
+    print(f"{'total (wall)':52} " + " ".join(f"{w:14.3f} {1:6.1%}" for w in walls) + f" {walls[1] / walls[0]:12.2f}")
 
 
 # ---- a checkpoint on real batches ----------------------------------------------------------------

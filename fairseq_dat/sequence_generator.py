@@ -69,6 +69,7 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
         for decoder in decoders:
             decoder.exit_policy = self.policy
             decoder.beam_rows = self.beam_size  # fairseq's search keeps a sentence's beam rows together
+            decoder.lean_capacity = self.decoding_steps(sample)
         try:
             finalized = super()._generate(sample, prefix_tokens=prefix_tokens, constraints=constraints,
                                           bos_token=bos_token)
@@ -76,11 +77,22 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
             for decoder in decoders:
                 decoder.exit_policy = None
                 decoder.beam_rows = 1
+                decoder.lean_capacity = None
             self.model.incremental_states = None
         for hypos in finalized:
             if hypos:
                 self.stats.add_hypothesis(hypos[0]["exits"])
         return finalized
+
+    def decoding_steps(self, sample) -> int:
+        """The most steps ``_generate`` will run on this batch (its ``max_len`` + 1, by fairseq's own
+        formula): the lean step's key/value buffers are allocated this long once, not regrown. Only a
+        size hint: the buffers still grow if a step goes beyond it."""
+        net_input = sample["net_input"]
+        source = net_input.get("src_tokens", net_input.get("source"))
+        if self.match_source_len and "src_lengths" in net_input:
+            return int(net_input["src_lengths"].max()) + 1
+        return min(int(self.max_len_a * source.size(1) + self.max_len_b), self.max_len - 1) + 1
 
     def finalize_hypos(self, step, bbsz_idx, eos_scores, tokens, scores, finalized: List[List[Dict[str, Tensor]]],
                        finished: List[bool], beam_size: int, attn: Optional[Tensor], src_lengths, max_len: int):

@@ -132,7 +132,7 @@ def test_lean_caches_grow_past_their_initial_capacity(model_and_dict, monkeypatc
         full, _ = model.decoder(prev, encoder_out=enc)
         for t in range(prev.size(1)):
             steps.append(incremental_step(model.decoder, prev[:, : t + 1], enc, state, exits, kv_mode="eager")[0])
-    assert model.decoder.lean_caches(state)[0].k.size(2) == 8
+    assert model.decoder.lean_caches(state)[0].k.size(0) == 8  # time-major: capacity first
     real = prev.ne(d.pad())
     torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-4, atol=1e-5)
     sample = make_sample(d)

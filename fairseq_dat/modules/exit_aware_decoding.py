@@ -71,6 +71,9 @@ class ExitAwareDecoding:
     # lean step then keeps one source key/value per sentence. fairseq's own ``set_beam_size`` does not
     # reach the decoder from ``SequenceGenerator`` (a TransformerModel has no ``set_beam_size``).
     beam_rows = 1
+    # the most decoding steps of the current batch (set per batch by the exit-aware generator): the
+    # lean step's key/value buffers start this long (None: LeanBlockCache.initial_capacity, doubling)
+    lean_capacity: Optional[int] = None
 
     def forward_incremental_with_exits(self, prev_output_tokens, encoder_out, incremental_state):
         """One decoding step where each row stops at its own block, decided by ``self.exit_policy``.
@@ -223,7 +226,7 @@ class ExitAwareDecoding:
     def start_lean_caches(self, incremental_state) -> List["LeanBlockCache"]:
         """On a batch's first step: empty caches, the q/k/v weights concatenated once for the batch
         (so nothing can go stale across ``generate`` calls)."""
-        blocks = [LeanBlockCache(layer) for layer in self.layers]
+        blocks = [LeanBlockCache(layer, self.lean_capacity) for layer in self.layers]
         self.set_incremental_state(incremental_state, "lean", {"blocks": blocks})
         return blocks
 
@@ -307,8 +310,7 @@ class ExitAwareDecoding:
         """Block ``index``'s cached self-attention keys and values (B x H x T x d each), either path."""
         lean = self.lean_caches(incremental_state)
         if lean is not None:
-            cache = lean[index]
-            return cache.k[:, :, :cache.length], cache.v[:, :, :cache.length]
+            return lean[index].cached_kv()
         buf = self.layers[index].self_attn._get_input_buffer(incremental_state)
         return buf.get("prev_key"), buf.get("prev_value")
 
@@ -421,26 +423,29 @@ def keep_exited_rows(out: Tensor, x: Tensor, active: Tensor) -> Tensor:
 
 
 class LeanBlockCache:
-    """One block's state for the lean step, for one batch: its self-attention keys/values
-    (B x H x capacity x d, the first ``length`` positions filled, written in place and grown by
-    doubling; a beam reordering copies them once into buffers with room for the next position),
-    their padding mask (only once a padded target position occurred), its source keys/values (one
-    per sentence under beam search, computed on the block's first call), and the concatenated
-    q/k/v projection of its self-attention (a new tensor per batch: the model's weights are never
-    copied into a parameter or kept across batches)."""
+    """One block's state for the lean step, for one batch: its self-attention keys/values, **time-major**
+    (capacity x B x H x d, the first ``length`` positions filled, written in place and grown by doubling),
+    so that appending a position writes one contiguous slab and a beam reordering copies the filled
+    positions with one ``index_select`` into a contiguous leading slice of a new buffer; their padding
+    mask (capacity x B, only once a padded target position occurred); its source keys/values (one per
+    sentence under beam search, computed on the block's first call); and the concatenated q/k/v
+    projection of its self-attention (a new tensor per batch: the model's weights are never copied into
+    a parameter or kept across batches)."""
 
     initial_capacity = 16
 
-    def __init__(self, layer):
+    def __init__(self, layer, capacity: Optional[int] = None):
+        self.capacity = max(capacity or self.initial_capacity, 1)  # positions allocated on the first append
         attn = layer.self_attn
         self.heads, self.head_dim = attn.num_heads, attn.head_dim
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
         self.w_qkv = torch.cat([p.weight for p in projections])  # 3C x C
         self.b_qkv = (torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.weight.size(0))
                                  for p in projections]) if any(p.bias is not None for p in projections) else None)
-        self.k: Optional[Tensor] = None
+        self.k: Optional[Tensor] = None  # capacity x B x H x d
         self.v: Optional[Tensor] = None
-        self.pad: Optional[Tensor] = None  # B x capacity, True at padded target positions
+        self.spare: Optional[tuple] = None  # buffers of k/v's shape that the next reorder writes into
+        self.pad: Optional[Tensor] = None  # capacity x B, True at padded target positions
         self.length = 0
         self.src_k: Optional[Tensor] = None
         self.src_v: Optional[Tensor] = None
@@ -456,31 +461,35 @@ class LeanBlockCache:
         return F.linear(h, self.w_qkv[c:], bias).split(c, dim=-1)
 
     def append(self, k: Tensor, v: Tensor, pad: Optional[Tensor] = None):
-        """k, v: B x H x P x d for the next P positions, written in place; pad: B (one position) or None."""
-        steps = k.size(2)
-        self.reserve(k, self.length + steps)
-        self.k[:, :, self.length:self.length + steps] = k
-        self.v[:, :, self.length:self.length + steps] = v
+        """k, v: B x P x C (projected keys/values of the next P positions), written in place;
+        pad: B (one position, True at padding) or None."""
+        bsz, steps = k.size(0), k.size(1)
+        self.reserve(k, bsz, self.length + steps)
+        end = self.length + steps
+        self.k[self.length:end] = k.view(bsz, steps, self.heads, self.head_dim).transpose(0, 1)
+        self.v[self.length:end] = v.view(bsz, steps, self.heads, self.head_dim).transpose(0, 1)
         if pad is not None and self.pad is None and bool(pad.any()):
-            self.pad = torch.zeros(self.k.size(0), self.k.size(2), dtype=torch.bool, device=k.device)
+            self.pad = torch.zeros(self.k.size(0), bsz, dtype=torch.bool, device=k.device)
         if self.pad is not None:
-            self.pad[:, self.length:self.length + steps] = pad.unsqueeze(1) if pad is not None else False
-        self.length += steps
+            self.pad[self.length:end] = pad.unsqueeze(0) if pad is not None else False
+        self.length = end
 
-    def reserve(self, like: Tensor, needed: int):
-        capacity = 0 if self.k is None else self.k.size(2)
+    def reserve(self, like: Tensor, bsz: int, needed: int):
+        capacity = 0 if self.k is None else self.k.size(0)
         if needed <= capacity:
             return
+        capacity = capacity or self.capacity
         while capacity < needed:
-            capacity = max(2 * capacity, self.initial_capacity)
-        shape = (like.size(0), self.heads, capacity, self.head_dim)
+            capacity *= 2
+        self.spare = None
+        shape = (capacity, bsz, self.heads, self.head_dim)
         k, v = like.new_empty(shape), like.new_empty(shape)
         if self.length:
-            k[:, :, :self.length] = self.k[:, :, :self.length]
-            v[:, :, :self.length] = self.v[:, :, :self.length]
+            k[:self.length] = self.k[:self.length]
+            v[:self.length] = self.v[:self.length]
         self.k, self.v = k, v
         if self.pad is not None:
-            self.pad = F.pad(self.pad, (0, capacity - self.pad.size(1)))
+            self.pad = F.pad(self.pad, (0, 0, 0, capacity - self.pad.size(0)))
 
     def append_states(self, layer, states: Tensor, pad: Optional[Tensor] = None):
         """Keys/values of the copied states (B x P x C, block inputs of rows that skipped this block);
@@ -488,30 +497,47 @@ class LeanBlockCache:
         if layer.normalize_before:
             states = layer.self_attn_layer_norm(states)
         k, v = self.kv_projection(states)
-        self.append(split_heads(k, self.heads), split_heads(v, self.heads), pad)
+        self.append(k, v, pad)
 
     def reorder(self, order: Tensor):
-        """Beam reordering: the filled positions of the rows ``order`` picks, copied once into new
-        buffers with room for one more position, so that after the next step's append attention
-        reads one contiguous tensor (a strided slice would be copied by the attention kernel)."""
+        """Beam reordering: the filled positions of the rows ``order`` picks, one ``index_select`` per
+        tensor into the (contiguous) leading slice of the spare buffers, which then swap with the
+        current ones (double buffering: no allocation per step while the batch keeps its rows)."""
         if self.k is None:
             return
-        shape = (order.numel(), self.heads, self.length + 1, self.head_dim)
-        k, v = self.k.new_empty(shape), self.v.new_empty(shape)
-        torch.index_select(self.k[:, :, :self.length], 0, order, out=k[:, :, :self.length])
-        torch.index_select(self.v[:, :, :self.length], 0, order, out=v[:, :, :self.length])
+        shape = (self.k.size(0), order.numel(), self.heads, self.head_dim)
+        if self.spare is None or self.spare[0].shape != shape:
+            self.spare = (self.k.new_empty(shape), self.v.new_empty(shape))
+        k, v = self.spare
+        torch.index_select(self.k[:self.length], 1, order, out=k[:self.length])
+        torch.index_select(self.v[:self.length], 1, order, out=v[:self.length])
+        self.spare = (self.k, self.v) if self.k.shape == shape else None
         self.k, self.v = k, v
         if self.pad is not None:
-            self.pad = F.pad(self.pad[:, :self.length].index_select(0, order), (0, 1))
+            pad = self.pad.new_zeros(self.pad.size(0), order.numel())
+            torch.index_select(self.pad[:self.length], 1, order, out=pad[:self.length])
+            self.pad = pad
+
+    def cached_kv(self):
+        """The filled keys/values as fairseq's cache layout, B x H x T x d (views)."""
+        return self.k[:self.length].permute(1, 2, 0, 3), self.v[:self.length].permute(1, 2, 0, 3)
 
     def attend(self, q: Tensor, rows: Optional[Tensor]) -> Tensor:
-        """q: r x H x 1 x d queries of the rows ``rows`` (None: every row) → r x H x 1 x d."""
-        k, v = self.k[:, :, :self.length], self.v[:, :, :self.length]
-        mask = self.pad[:, None, None, :self.length] if self.pad is not None else None
+        """q: r x C queries of the rows ``rows`` (None: every row) → r x C. One query per row: the
+        scores and the weighted sum are two elementwise products reduced over d and over time on the
+        time-major cache (memory-bound; faster than a batched matrix product or SDPA of r·H tiny
+        1 x T problems on a CPU)."""
+        k, v = self.k[:self.length], self.v[:self.length]  # T x B x H x d
+        mask = self.pad[:self.length] if self.pad is not None else None  # T x B
         if rows is not None:
-            k, v = k.index_select(0, rows), v.index_select(0, rows)
-            mask = mask.index_select(0, rows) if mask is not None else None
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=~mask if mask is not None else None)
+            k, v = k.index_select(1, rows), v.index_select(1, rows)
+            mask = mask.index_select(1, rows) if mask is not None else None
+        q = q.view(1, q.size(0), self.heads, self.head_dim) * self.head_dim ** -0.5
+        scores = (k * q).sum(-1)  # T x r x H
+        if mask is not None:
+            scores = scores.masked_fill(mask.unsqueeze(-1), float("-inf"))
+        weights = torch.softmax(scores, dim=0)
+        return (weights.unsqueeze(-1) * v).sum(0).reshape(q.size(1), -1)
 
     # ---- source keys/values (encoder-decoder attention)
 
@@ -576,9 +602,8 @@ def lean_block(layer, cache: LeanBlockCache, x: Tensor, rows: Optional[Tensor], 
         k, v = cache.kv_projection(h)  # every row: copies' keys/values for the exited ones
         q = F.linear(h.index_select(0, rows), cache.w_qkv[:c], cache.b_qkv[:c] if cache.b_qkv is not None else None)
         residual = x.index_select(0, rows)
-    heads = attn.num_heads
-    cache.append(split_heads(k.unsqueeze(1), heads), split_heads(v.unsqueeze(1), heads), pad)
-    y = residual + attn.out_proj(merge_heads(cache.attend(split_heads(q.unsqueeze(1), heads), rows)))
+    cache.append(k.unsqueeze(1), v.unsqueeze(1), pad)
+    y = residual + attn.out_proj(cache.attend(q, rows))
     if not pre:
         y = layer.self_attn_layer_norm(y)
     if layer.encoder_attn is not None and cache.src_k is not None:
