@@ -85,14 +85,16 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
         return finalized
 
     def decoding_steps(self, sample) -> int:
-        """The most steps ``_generate`` will run on this batch (its ``max_len`` + 1, by fairseq's own
-        formula): the lean step's key/value buffers are allocated this long once, not regrown. Only a
-        size hint: the buffers still grow if a step goes beyond it."""
+        """How many positions the lean step's key/value buffers get at the start of this batch: the most
+        steps ``_generate`` can run (its ``max_len`` + 1, fairseq's formula), capped at twice the source
+        length + 8 (fairseq-generate's default ``--max-len-b 200`` would otherwise reserve 201 positions
+        per block for 20-token sentences). A size hint only: the buffers double if decoding goes longer."""
         net_input = sample["net_input"]
         source = net_input.get("src_tokens", net_input.get("source"))
         if self.match_source_len and "src_lengths" in net_input:
             return int(net_input["src_lengths"].max()) + 1
-        return min(int(self.max_len_a * source.size(1) + self.max_len_b), self.max_len - 1) + 1
+        steps = min(int(self.max_len_a * source.size(1) + self.max_len_b), self.max_len - 1) + 1
+        return min(steps, 2 * source.size(1) + 8)
 
     def finalize_hypos(self, step, bbsz_idx, eos_scores, tokens, scores, finalized: List[List[Dict[str, Tensor]]],
                        finished: List[bool], beam_size: int, attn: Optional[Tensor], src_lengths, max_len: int):
