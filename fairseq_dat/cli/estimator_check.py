@@ -7,8 +7,8 @@ Two checks, printed one line each, then a verdict line ``ESTIMATOR learned=yes|n
   ``fairseq-train`` built them (same config, ``utils.set_torch_seed(seed)``, ``task.build_model``):
   the L2 distance and the norms, per tensor. A stage 2 that leaves them at their random init
   (distance ≈ 0) trained nothing, whatever its loss says.
-- validation (with ``--train-log``, the ``fairseq-train`` log of the estimator stage): the last
-  ``valid`` line's ``exit_acc`` against ``exit_majority`` (the accuracy of always predicting the oracle's
+- validation (with ``--train-log``, the ``fairseq-train`` log of the estimator stage): the ``valid``
+  line written at the checkpoint's update (the last one if none matches)'s ``exit_acc`` against ``exit_majority`` (the accuracy of always predicting the oracle's
   most frequent exit) and ``exit_loss`` against ``oracle_entropy`` (the cross-entropy of always
   predicting the oracle's exit distribution, bits). An estimator that beats neither is a majority
   classifier.
@@ -49,7 +49,8 @@ def load_run(path: str):
     trained = {k: v for k, v in state["model"].items() if k.startswith("decoder.depth_estimator.")}
     if not trained:
         raise ConfigError(f"estimator_check: {path} has no depth estimator (train with --depth-estimator)")
-    return state["cfg"], trained
+    history = state.get("optimizer_history") or [{}]
+    return state["cfg"], trained, history[-1].get("num_updates")
 
 
 def parameter_report(initial: Dict[str, torch.Tensor], trained: Dict[str, torch.Tensor]) -> Dict[str, dict]:
@@ -63,21 +64,9 @@ def parameter_report(initial: Dict[str, torch.Tensor], trained: Dict[str, torch.
     return report
 
 
-def last_valid_metrics(log_path: str) -> Optional[Dict[str, float]]:
-    """The last ``valid on 'valid' subset`` line of a fairseq-train log as {name: value}."""
-    found = None
-    try:
-        with open(log_path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                match = VALID_LINE.search(line.rstrip())
-                if match and match.group(1) == "valid":
-                    found = match.group(2)
-    except OSError as err:
-        raise ConfigError(f"estimator_check: --train-log {log_path}: {err}") from None
-    if found is None:
-        return None
+def parse_valid_fields(fields: str) -> Dict[str, float]:
     metrics = {}
-    for field in found.split(" | "):
+    for field in fields.split(" | "):
         parts = field.strip().split(" ")
         if len(parts) == 2:
             try:
@@ -85,6 +74,24 @@ def last_valid_metrics(log_path: str) -> Optional[Dict[str, float]]:
             except ValueError:
                 pass
     return metrics
+
+
+def valid_metrics(log_path: str, num_updates: Optional[int] = None) -> Optional[Dict[str, float]]:
+    """The ``valid on 'valid' subset`` line of a fairseq-train log written at the checkpoint's update
+    (``num_updates``: with ``--patience`` the best checkpoint is not the last validation), else the last."""
+    found = []
+    try:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                match = VALID_LINE.search(line.rstrip())
+                if match and match.group(1) == "valid":
+                    found.append(parse_valid_fields(match.group(2)))
+    except OSError as err:
+        raise ConfigError(f"estimator_check: --train-log {log_path}: {err}") from None
+    if not found:
+        return None
+    at_checkpoint = [m for m in found if num_updates is not None and m.get("num_updates") == num_updates]
+    return at_checkpoint[-1] if at_checkpoint else found[-1]
 
 
 def verdict(report: Dict[str, dict], valid: Optional[Dict[str, float]], min_margin: float) -> str:
@@ -112,12 +119,12 @@ def main(argv=None):
     p.add_argument("--min-margin", type=float, default=1.0,
                    help="exit_acc must beat exit_majority by this many points (or exit_loss < oracle_entropy)")
     args = p.parse_args(argv)
-    cfg, trained = load_run(args.checkpoint)
+    cfg, trained, num_updates = load_run(args.checkpoint)
     report = parameter_report(initial_estimator_state(cfg), trained)
     for key, r in report.items():
         print(f"{key}: init_norm={r['init_norm']:.4f} norm={r['norm']:.4f} distance={r['distance']:.4f} "
               f"relative={r['relative']:.3f}")
-    valid = last_valid_metrics(args.train_log) if args.train_log else None
+    valid = valid_metrics(args.train_log, num_updates) if args.train_log else None
     if args.train_log and valid is None:
         print(f"warning: no valid line in {args.train_log}", file=sys.stderr)
     print(verdict(report, valid, args.min_margin))
