@@ -1,6 +1,7 @@
 """The anytime decoder (paper §2): standard forward, exits, the copy rule, loading checkpoints."""
 import argparse
 
+import pytest
 import torch
 from fairseq.models.transformer import TransformerModel
 
@@ -143,3 +144,20 @@ def test_freeze_trunk_leaves_only_exits_trainable():
     model, _, _ = tiny_model(extra=["--freeze-trunk", "--depth-estimator", "token-geometric"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("decoder.exit_", "decoder.depth_estimator.")) for n in trainable)
+
+
+@pytest.mark.parametrize("flag", ["--train-estimator-only", "--freeze-trunk"])
+def test_a_frozen_trunk_trains_without_dropout(flag):
+    """In training mode the frozen trunk's states (what the estimator reads, what the oracle is computed
+    from) are the inference states; without the flag dropout makes them differ."""
+    dropout = ["--dropout", "0.3", "--attention-dropout", "0.2", "--activation-dropout", "0.2"]
+    states = {}
+    for extra in ([flag], []):
+        model, task, _ = tiny_model(extra=["--depth-estimator", "token-geometric", *dropout, *extra])
+        net_input, _ = random_batch(task.target_dictionary)
+        with torch.no_grad():
+            inference = model.eval()(**net_input)[1]["exit_states"]
+            training = model.train()(**net_input)[1]["exit_states"]
+        assert model.training and model.decoder.depth_estimator.training
+        states[bool(extra)] = all(torch.equal(a, b) for a, b in zip(inference, training))
+    assert states == {True: True, False: False}

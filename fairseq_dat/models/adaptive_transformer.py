@@ -99,7 +99,8 @@ class AdaptiveTransformerModel(TransformerModel):
                                  "of the same dimensions; new exit classifiers start as copies of its "
                                  "output projection")
         parser.add_argument("--freeze-trunk", action="store_true",
-                            help="train only the exit classifiers and the depth estimator")
+                            help="train only the exit classifiers and the depth estimator (the frozen trunk runs "
+                                 "without dropout, as at inference)")
         parser.add_argument("--estimator-lr-multiplier", type=float, default=10.0, metavar="C",
                             help="the depth estimator learns C times faster than --lr (its linear layers store "
                                  "weights / C and multiply their outputs by C: same function, C x the Adam "
@@ -107,8 +108,8 @@ class AdaptiveTransformerModel(TransformerModel):
                                  "1 = the plain parametrization (checkpoints from before this flag)")
         parser.add_argument("--train-estimator-only", action="store_true",
                             help="stage 2 on a frozen stage-1 model: train only the depth estimator (trunk "
-                                 "and exit classifiers keep their values, so the oracle's targets do not move); "
-                                 "pair with --lr-scheduler fixed (§3: the paper instead back-propagates the "
+                                 "and exit classifiers keep their values and run without dropout, so the estimator "
+                                 "learns from the states and oracles that decoding sees); pair with --lr-scheduler fixed (§3: the paper instead back-propagates the "
                                  "exit loss into the whole model, the default)")
 
     @classmethod
@@ -196,8 +197,23 @@ class AdaptiveTransformerModel(TransformerModel):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         if trainable == 0:
             raise ConfigError("--train-estimator-only needs --depth-estimator (a model with a depth estimator)")
-        logger.info("adaptive_transformer: trunk frozen, %d trainable parameters (%s)", trainable,
+        self.trainable_prefixes = tuple(prefixes)
+        logger.info("adaptive_transformer: trunk frozen (no dropout), %d trainable parameters (%s)", trainable,
                     ", ".join(prefixes))
+
+    def train(self, mode: bool = True):
+        """With a frozen trunk (``--freeze-trunk`` / ``--train-estimator-only``) every module without a trained
+        parameter stays in inference mode (no dropout): dropout there would only add noise to the states
+        the estimator reads and to the oracle it is trained against (measured on Multi30k: with dropout the
+        training oracle's average exit is 2.90 against 2.33 on valid for Seq-LL, λ = 1), and the frozen modules
+        learn nothing from it."""
+        super().train(mode)
+        prefixes = getattr(self, "trainable_prefixes", None)
+        if mode and prefixes:
+            for name, module in self.named_modules():  # attention dropout follows MultiheadAttention.training
+                if name and not any(p.requires_grad for p in module.parameters()):
+                    module.eval()
+        return self
 
 
 class AdaptiveTransformerDecoder(ExitAwareDecoding, TransformerDecoderBase):
