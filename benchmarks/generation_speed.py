@@ -15,6 +15,7 @@ For each decoding setting (batch size x beam size) the same batches (fairseq's
 5. ``ct2 float32/int8`` CTranslate2 on the full-depth model (skipped with a reason if unavailable);
 6. ``ct2 TYPE exit k``  CTranslate2 on exit k exported as its own model (``fairseq_dat.ctranslate2``), and
    ``ct2 TYPE adaptive T`` each sentence at the depth its sequence-level estimator predicts at threshold T,
+                      routed per batch, and ``… stream``: the setting's sentences routed in one call,
                       printed also against row 5 of the same type (``CT2 RESULT``: the fastest within
                       --bleu-tolerance of it).
 
@@ -312,6 +313,26 @@ class CT2AdaptiveRow(Row):
         return outputs
 
 
+class CT2StreamRow(CT2AdaptiveRow):
+    """``ct2 TYPE adaptive T=τ stream``: every sentence of the setting routed and grouped by depth in one
+    ``AdaptiveTranslator.translate`` call, as a deployment translating a file would (each depth's group in
+    batches of the setting's batch size), timed as one call: per-batch routing (the rows above) splits
+    each batch of 64 into small per-depth groups. The whole stream is decoded on the pass's first batch;
+    the others read its results."""
+
+    def start(self):
+        self.results = None
+
+    def generate(self, batch):
+        if self.results is None:
+            ids = sorted(self.sources)  # the sentences of this setting (run_setting passes only those)
+            options = self.search.ct2_kwargs()
+            out = self.translator.translate([self.sources[sid] for sid in ids], beam=options.pop("beam_size"),
+                                            batch_size=len(batch["id"]), **options, **self.route)
+            self.results = dict(zip(ids, out))
+        return [self.results[sid] for sid in batch["id"].tolist()]
+
+
 CT2_COMPUTE_TYPES = ("float32", "int8")
 
 
@@ -348,6 +369,8 @@ def ct2_adaptive_rows(ctx, search: "Search", args, est_thresholds, sources, fixe
         if translator.estimator is not None:
             rows += [CT2AdaptiveRow(f"ct2 {compute_type} adaptive T={t:g}", "ct2-adaptive", translator, sources,
                                     tgt_dict, search, n, {"exit_threshold": t}) for t in est_thresholds]
+            rows += [CT2StreamRow(f"ct2 {compute_type} adaptive T={t:g} stream", "ct2-adaptive", translator, sources,
+                                  tgt_dict, search, n, {"exit_threshold": t}) for t in est_thresholds]
     return rows
 
 
@@ -649,8 +672,9 @@ def run_setting(ctx: Context, args, batch_size: int, beam: int, est_thresholds, 
                 referee, fixed_exits: Optional[List[int]] = None, kv_rows: bool = True) -> List[Summary]:
     limit = args.batch1_sentences if batch_size == 1 and args.batch1_sentences else args.max_sentences
     batches = load_batches(ctx.task, [ctx.model], args.subset, batch_size, limit)
+    decoded = {sid: sources[sid] for b in batches for sid in b["id"].tolist() if sid in sources}
     rows = build_rows(ctx, Search(beam, args.max_len_b, args.fixed_length), args, est_thresholds, conf_thresholds,
-                      sources, fixed_exits, kv_rows)
+                      decoded, fixed_exits, kv_rows)
     nsent = sum(len(b["id"]) for b in batches)
     print(f"\n== beam {beam}, batch {batch_size}: {nsent} sentences in {len(batches)} batches, {len(rows)} rows "
           f"x {args.repeats} interleaved passes", flush=True)
