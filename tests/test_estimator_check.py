@@ -31,6 +31,10 @@ def test_verdict_needs_moved_parameters_and_a_beaten_baseline():
     assert verdict(moved, beats, 1.0).startswith("ESTIMATOR learned=yes")
     assert verdict(moved, prior, 1.0).startswith("ESTIMATOR learned=no")
     assert verdict(still, beats, 1.0).startswith("ESTIMATOR learned=no")
+    hair = {"exit_acc": 91.12, "exit_majority": 91.12, "exit_loss": 0.610, "oracle_entropy": 0.612}  # make demo, stop 19
+    assert verdict(moved, hair, 1.0).startswith("ESTIMATOR learned=no")
+    below = {"exit_acc": 91.12, "exit_majority": 91.12, "exit_loss": 0.590, "oracle_entropy": 0.612}
+    assert verdict(moved, below, 1.0).startswith("ESTIMATOR learned=yes")
 
 
 def test_end_to_end_on_a_trained_checkpoint(adaptive_checkpoint):  # noqa: F811

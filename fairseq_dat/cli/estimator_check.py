@@ -13,7 +13,8 @@ Two checks, printed one line each, then a verdict line ``ESTIMATOR learned=yes|n
   predicting the oracle's exit distribution, bits). An estimator that beats neither is a majority
   classifier.
 The verdict: learned=yes when the parameters moved (relative distance > 1% for some tensor) and, with a
-log, exit_acc ≥ exit_majority + ``--min-margin`` points or exit_loss < oracle_entropy.
+log, exit_acc ≥ exit_majority + ``--min-margin`` points or exit_loss ≤ oracle_entropy − ``--min-loss-gain``
+bits (0.01: a loss a hair under the entropy is the prior, not a learned estimator).
 """
 import argparse
 import re
@@ -94,7 +95,8 @@ def valid_metrics(log_path: str, num_updates: Optional[int] = None) -> Optional[
     return at_checkpoint[-1] if at_checkpoint else found[-1]
 
 
-def verdict(report: Dict[str, dict], valid: Optional[Dict[str, float]], min_margin: float) -> str:
+def verdict(report: Dict[str, dict], valid: Optional[Dict[str, float]], min_margin: float,
+            min_loss_gain: float = 0.01) -> str:
     moved = max(r["relative"] for r in report.values()) > 0.01
     parts = [f"params_moved={'yes' if moved else 'no'}"]
     beats = True
@@ -105,7 +107,7 @@ def verdict(report: Dict[str, dict], valid: Optional[Dict[str, float]], min_marg
             parts.append("valid=incomplete (a log without exit_majority/oracle_entropy)")
             beats = False
         else:
-            beats = acc >= majority + min_margin or loss < entropy
+            beats = acc >= majority + min_margin or loss <= entropy - min_loss_gain
             parts.append(f"valid exit_acc={acc:.2f} exit_majority={majority:.2f} exit_loss={loss:.3f} "
                          f"oracle_entropy={entropy:.3f}")
     learned = moved and beats
@@ -117,7 +119,9 @@ def main(argv=None):
     p.add_argument("checkpoint", help="checkpoint of an estimator stage (--depth-estimator …)")
     p.add_argument("--train-log", help="that stage's fairseq-train log (valid lines with exit_acc, exit_majority)")
     p.add_argument("--min-margin", type=float, default=1.0,
-                   help="exit_acc must beat exit_majority by this many points (or exit_loss < oracle_entropy)")
+                   help="exit_acc must beat exit_majority by this many points (or exit_loss beat the entropy, below)")
+    p.add_argument("--min-loss-gain", type=float, default=0.01,
+                   help="or exit_loss must be at least this many bits below oracle_entropy")
     args = p.parse_args(argv)
     cfg, trained, num_updates = load_run(args.checkpoint)
     report = parameter_report(initial_estimator_state(cfg), trained)
@@ -127,7 +131,7 @@ def main(argv=None):
     valid = valid_metrics(args.train_log, num_updates) if args.train_log else None
     if args.train_log and valid is None:
         print(f"warning: no valid line in {args.train_log}", file=sys.stderr)
-    print(verdict(report, valid, args.min_margin))
+    print(verdict(report, valid, args.min_margin, args.min_loss_gain))
 
 
 if __name__ == "__main__":
