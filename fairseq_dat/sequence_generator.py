@@ -66,10 +66,11 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
                 raise ConfigError("--exit-strategy oracle needs reference translations (a binarized test "
                                   "set with targets, as fairseq-generate reads; not fairseq-interactive)")
             self.policy.reference = sample["target"]
+        steps = self.decoding_steps(sample)
         for decoder in decoders:
             decoder.exit_policy = self.policy
             decoder.beam_rows = self.beam_size  # fairseq's search keeps a sentence's beam rows together
-            decoder.lean_capacity = self.decoding_steps(sample)
+            decoder.lean_capacity = steps
         try:
             finalized = super()._generate(sample, prefix_tokens=prefix_tokens, constraints=constraints,
                                           bos_token=bos_token)

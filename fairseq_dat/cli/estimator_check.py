@@ -7,10 +7,10 @@ Two checks, printed one line each, then a verdict line ``ESTIMATOR learned=yes|n
   ``fairseq-train`` built them (same config, ``utils.set_torch_seed(seed)``, ``task.build_model``):
   the L2 distance and the norms, per tensor. A stage 2 that leaves them at their random init
   (distance ≈ 0) trained nothing, whatever its loss says.
-- validation (with ``--train-log``, the ``fairseq-train`` log of the estimator stage): the ``valid``
-  line written at the checkpoint's update (the last one if none matches)'s ``exit_acc`` against ``exit_majority`` (the accuracy of always predicting the oracle's
-  most frequent exit) and ``exit_loss`` against ``oracle_entropy`` (the cross-entropy of always
-  predicting the oracle's exit distribution, bits). An estimator that beats neither is a majority
+- validation (with ``--train-log``, the ``fairseq-train`` log of the estimator stage): from the ``valid``
+  line written at the checkpoint's update (the last one if none matches), ``exit_acc`` against
+  ``exit_majority`` (the accuracy of always predicting the oracle's most frequent exit) and ``exit_loss``
+  against ``oracle_entropy`` (the cross-entropy of always predicting the oracle's exit distribution, bits). An estimator that beats neither is a majority
   classifier.
 The verdict: learned=yes when the parameters moved (relative distance > 1% for some tensor) and, with a
 log, exit_acc ≥ exit_majority + ``--min-margin`` points or exit_loss ≤ oracle_entropy − ``--min-loss-gain``

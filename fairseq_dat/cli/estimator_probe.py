@@ -286,15 +286,19 @@ def main(argv=None):
     valid = collect_split(model, task, args.valid_subset, 0, args.max_tokens, oracles, device)
     print(f"train: {train.states.size(0)} tokens, {train.source_means.size(0)} sentences; "
           f"valid: {valid.states.size(0)} tokens, {valid.source_means.size(0)} sentences; {num_exits} exits")
+    fitted = {}  # σ does not enter sequence-level oracles: one fit serves oracles that differ only in σ
     for column, oracle in enumerate(oracles):
         for name, separate in estimators:
             torch.manual_seed(args.seed)
             estimator = build_probe_estimator(name, separate, train, num_exits)
-            fit(estimator, *probe_inputs(estimator, train, column), args.steps, args.lr, args.batch_size, args.seed)
-            inputs, target = probe_inputs(estimator, valid, column)
-            majority, entropy, shares = majority_and_entropy(target, num_exits)
-            accuracy, loss = score(estimator, inputs, target)
-            level = "sequence" if inputs is valid.source_means else "token"
+            level = "sequence" if getattr(estimator, "level", "") == "sequence" else "token"
+            key = (name, separate, oracle.score, oracle.lam, oracle.sigma if level == "token" else None)
+            if key not in fitted:
+                fit(estimator, *probe_inputs(estimator, train, column), args.steps, args.lr, args.batch_size,
+                    args.seed)
+                inputs, target = probe_inputs(estimator, valid, column)
+                fitted[key] = (*majority_and_entropy(target, num_exits), *score(estimator, inputs, target))
+            majority, entropy, shares, accuracy, loss = fitted[key]
             print(f"PROBE oracle={oracle.score} lambda={oracle.lam:g} sigma={oracle.sigma:g} level={level} "
                   f"estimator={name}{'+separate' if separate else ''} acc={accuracy:.2f} majority={majority:.2f} "
                   f"acc_gain={accuracy - majority:+.2f} loss={loss:.3f} entropy={entropy:.3f} "

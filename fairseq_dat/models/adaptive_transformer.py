@@ -109,8 +109,9 @@ class AdaptiveTransformerModel(TransformerModel):
         parser.add_argument("--train-estimator-only", action="store_true",
                             help="stage 2 on a frozen stage-1 model: train only the depth estimator (trunk "
                                  "and exit classifiers keep their values and run without dropout, so the estimator "
-                                 "learns from the states and oracles that decoding sees); pair with --lr-scheduler fixed (§3: the paper instead back-propagates the "
-                                 "exit loss into the whole model, the default)")
+                                 "learns from the states and oracles that decoding sees); pair with --lr-scheduler "
+                                 "fixed (§3: the paper instead back-propagates the exit loss into the whole model, "
+                                 "the default)")
 
     @classmethod
     def build_model(cls, args, task):
@@ -197,7 +198,7 @@ class AdaptiveTransformerModel(TransformerModel):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         if trainable == 0:
             raise ConfigError("--train-estimator-only needs --depth-estimator (a model with a depth estimator)")
-        self.trainable_prefixes = tuple(prefixes)
+        self.frozen_modules = outermost_frozen_modules(self)
         logger.info("adaptive_transformer: trunk frozen (no dropout), %d trainable parameters (%s)", trainable,
                     ", ".join(prefixes))
 
@@ -208,12 +209,23 @@ class AdaptiveTransformerModel(TransformerModel):
         training oracle's average exit is 2.90 against 2.33 on valid for Seq-LL, λ = 1), and the frozen modules
         learn nothing from it."""
         super().train(mode)
-        prefixes = getattr(self, "trainable_prefixes", None)
-        if mode and prefixes:
-            for name, module in self.named_modules():  # attention dropout follows MultiheadAttention.training
-                if name and not any(p.requires_grad for p in module.parameters()):
-                    module.eval()
+        if mode:  # attention dropout follows MultiheadAttention.training, so whole modules go to eval
+            for module in getattr(self, "frozen_modules", ()):
+                module.eval()
         return self
+
+
+def outermost_frozen_modules(model: nn.Module) -> List[nn.Module]:
+    """The largest submodules without a trainable parameter (found once when freezing; ``train()`` runs
+    every update)."""
+    found, names = [], []
+    for name, module in model.named_modules():  # parents before children
+        if not name or any(name.startswith(prefix + ".") for prefix in names):
+            continue
+        if not any(p.requires_grad for p in module.parameters()):
+            found.append(module)
+            names.append(name)
+    return found
 
 
 class AdaptiveTransformerDecoder(ExitAwareDecoding, TransformerDecoderBase):

@@ -426,7 +426,7 @@ class LeanBlockCache:
     """One block's state for the lean step, for one batch: its self-attention keys/values, **time-major**
     (capacity x B x H x d, the first ``length`` positions filled, written in place and grown by doubling),
     so that appending a position writes one contiguous slab and a beam reordering copies the filled
-    positions with one ``index_select`` into a contiguous leading slice of a new buffer; their padding
+    positions with one ``index_select`` into the contiguous leading slice of a spare buffer; their padding
     mask (capacity x B, only once a padded target position occurred); its source keys/values (one per
     sentence under beam search, computed on the block's first call); and the concatenated q/k/v
     projection of its self-attention (a new tensor per batch: the model's weights are never copied into
