@@ -474,7 +474,8 @@ def add_speedups(summaries: List[Summary], limit_tpt: Dict[int, float]):
     base = summaries[0]
     for s in summaries:
         s.speedup = s.tokens_per_s / base.tokens_per_s
-        if s.kind in ("ours", "fixed", "fixed-eager", "estimator", "estimator-eager", "confidence") and limit_tpt:
+        if s.kind in ("ours", "fixed", "fixed-eager", "estimator", "estimator-eager", "estimator-batch-order",
+                      "confidence") and limit_tpt:
             s.ideal = (1.0 / base.tokens_per_s) / interpolate(limit_tpt, s.ae)
             s.efficiency = s.speedup / s.ideal
             s.efficiency_cae = s.speedup * interpolate(limit_tpt, s.compute_ae) * base.tokens_per_s
@@ -621,6 +622,11 @@ def build_rows(ctx: Context, search: Search, args, est_thresholds, conf_threshol
         rows.append(AdaptiveRow(f"estimator T={est_thresholds[0]:g} eager K/V", "estimator-eager", ctx.model, tgt_dict,
                                 search, flops_rule=rule, exit_strategy="estimator",
                                 exit_threshold=str(est_thresholds[0]), exit_kv="eager"))
+    if est_thresholds and kv_rows and ctx.model.decoder.depth_estimator.level == "sequence":
+        # the sentences in fairseq's batch order (each block's rows gathered) instead of deepest first
+        rows.append(AdaptiveRow(f"estimator T={est_thresholds[0]:g} batch order", "estimator-batch-order", ctx.model,
+                                tgt_dict, search, flops_rule=rule, exit_strategy="estimator",
+                                exit_threshold=str(est_thresholds[0]), exit_sequence_order="batch"))
     rows += [AdaptiveRow(f"estimator T={t:g}", "estimator", ctx.model, tgt_dict, search,
                          flops_rule=rule, exit_strategy="estimator", exit_threshold=str(t)) for t in est_thresholds]
     rows += [AdaptiveRow(f"confidence T={t:g}", "confidence", ctx.model, tgt_dict, search,

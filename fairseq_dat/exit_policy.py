@@ -32,6 +32,8 @@ from .errors import ConfigError
 from .modules.depth_estimators import decide_by_cumulative, geometric_halts, single_threshold, thresholds_from_arg
 from .modules.exit_aware_decoding import DECODER_STEPS, KV_MODES, lean_step_unsupported
 
+SEQUENCE_ORDERS = ("depth", "batch")  # the first is the default
+
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "full", "fixed", "estimator", "confidence", "uniform", "oracle")
@@ -180,22 +182,50 @@ class ReferenceOracle(ExitPolicy):
 
 class SequenceEstimatorPolicy(PlannedDepth):
     """Sequence-level estimators: one depth per source sentence, decided from the encoder output
-    before the first step and kept (reordered with the beam) in the decoder's incremental state."""
+    before the first step and kept (reordered with the beam) in the decoder's incremental state.
 
-    def __init__(self, threshold=None, **kwargs):
+    With ``sequence_order`` "depth" (the default on the lean step) the generator decides the depths
+    first and decodes the batch's sentences deepest first (:meth:`sort_batch`): every token of a
+    sentence exits at the same block, so the rows that reach block n are then the batch's leading rows
+    and the decoder runs each block on a slice of the batch, keeping keys/values only for those rows
+    (``plan["prefix"]``; :meth:`ExitAwareDecoding.depth_prefix_step`)."""
+
+    def __init__(self, threshold=None, sequence_order: Optional[str] = None, **kwargs):
         super().__init__(**kwargs)
         self.threshold = threshold
+        self.sequence_order = sequence_order or SEQUENCE_ORDERS[0]
+        self.sorted_depths: Optional[Tensor] = None  # per sentence, set by the generator for one batch
+
+    @property
+    def sorts_sentences(self) -> bool:
+        return self.sequence_order == "depth" and self.decoder_step == "lean"
+
+    def sentence_depths(self, decoder, encoder_out) -> Tensor:
+        """The estimator's depth (1-based) for each row of ``encoder_out`` at this policy's threshold."""
+        enc = encoder_out["encoder_out"][0]
+        mask = encoder_out["encoder_padding_mask"][0] if len(encoder_out["encoder_padding_mask"]) else None
+        log_q = decoder.depth_estimator.log_q_from(encoder_out=enc, encoder_padding_mask=mask)
+        return decide_by_cumulative(log_q, self.threshold) + 1
+
+    def sort_batch(self, decoder, encoder_out) -> Tensor:
+        """Before a batch: each sentence's depth, and the order that puts the deepest first (stable,
+        so sentences of equal depth keep fairseq's order). Keeps the sorted depths for ``plan_step``."""
+        depths = self.sentence_depths(decoder, encoder_out)
+        order = torch.sort(depths, descending=True, stable=True).indices
+        self.sorted_depths = depths.index_select(0, order)
+        return order
 
     def plan_step(self, decoder, encoder_out, incremental_state, prev_output_tokens):
         buf = decoder.get_incremental_state(incremental_state, "exits") or {}
         if buf.get("planned") is None:
-            enc = encoder_out["encoder_out"][0]
-            mask = encoder_out["encoder_padding_mask"][0] if len(encoder_out["encoder_padding_mask"]) else None
-            log_q = decoder.depth_estimator.log_q_from(encoder_out=enc, encoder_padding_mask=mask)
             buf = dict(buf)
-            buf["planned"] = decide_by_cumulative(log_q, self.threshold) + 1
+            if self.sorted_depths is not None:  # decided before the batch (one row per sentence), per beam row now
+                rows = prev_output_tokens.size(0)
+                buf["planned"] = self.sorted_depths.repeat_interleave(rows // self.sorted_depths.numel())
+            else:
+                buf["planned"] = self.sentence_depths(decoder, encoder_out)
             decoder.set_incremental_state(incremental_state, "exits", buf)
-        return {"depth": buf["planned"]}
+        return {"depth": buf["planned"], "prefix": self.sorted_depths is not None}
 
 
 class TokenDepthPolicy(ExitPolicy):
@@ -241,7 +271,8 @@ class ConfidencePolicy(ExitPolicy):
 
 def build_exit_policy(decoder, strategy: str = "auto", threshold=None, fixed_exit: Optional[int] = None,
                       stats: Optional[ExitStats] = None, gather_ratio: Optional[float] = None,
-                      kv_mode: Optional[str] = None, decoder_step: Optional[str] = None) -> Optional[ExitPolicy]:
+                      kv_mode: Optional[str] = None, decoder_step: Optional[str] = None,
+                      sequence_order: Optional[str] = None) -> Optional[ExitPolicy]:
     """The policy for the generation flags, or None for full-depth decoding through fairseq's own
     decoder (``--decoder-step fairseq``). Raises ConfigError naming the flag on any setting the model
     cannot serve."""
@@ -252,9 +283,12 @@ def build_exit_policy(decoder, strategy: str = "auto", threshold=None, fixed_exi
         raise ConfigError(f"--exit-gather-ratio must be in [0, 1], got {gather_ratio}")
     if kv_mode is not None and kv_mode not in KV_MODES:
         raise ConfigError(f"--exit-kv must be one of {', '.join(KV_MODES)}, got {kv_mode!r}")
+    if sequence_order is not None and sequence_order not in SEQUENCE_ORDERS:
+        raise ConfigError(f"--exit-sequence-order must be one of {', '.join(SEQUENCE_ORDERS)}, got {sequence_order!r}")
     decoder_step = lean_or_fallback(decoder, decoder_step)
     try:
-        return _policy_for_flags(decoder, strategy, threshold, fixed_exit, stats, gather_ratio, kv_mode, decoder_step)
+        return _policy_for_flags(decoder, strategy, threshold, fixed_exit, stats, gather_ratio, kv_mode, decoder_step,
+                                 sequence_order)
     except ConfigError:
         raise
     except ValueError as err:  # threshold parsing: the message already names --exit-threshold
@@ -275,7 +309,8 @@ def lean_or_fallback(decoder, decoder_step: Optional[str]) -> str:
     return decoder_step
 
 
-def _policy_for_flags(decoder, strategy, threshold, fixed_exit, stats, gather_ratio, kv_mode, decoder_step):
+def _policy_for_flags(decoder, strategy, threshold, fixed_exit, stats, gather_ratio, kv_mode, decoder_step,
+                      sequence_order=None):
     n_exits = decoder.num_layers
     estimator = decoder.depth_estimator
     kwargs = {"stats": stats, "gather_ratio": gather_ratio, "kv_mode": kv_mode, "decoder_step": decoder_step}
@@ -323,5 +358,5 @@ def _policy_for_flags(decoder, strategy, threshold, fixed_exit, stats, gather_ra
         return GeometricPolicy(estimator.thresholds(threshold), **kwargs)
     value = single_threshold(threshold, estimator.name)
     if estimator.level == "sequence":
-        return SequenceEstimatorPolicy(value, **kwargs)
+        return SequenceEstimatorPolicy(value, sequence_order=sequence_order, **kwargs)
     return TokenDepthPolicy(value, **kwargs)

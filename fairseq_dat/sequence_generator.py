@@ -27,6 +27,13 @@ class AdaptiveEnsembleModel(EnsembleModel):
         super().__init__(models)
         self.incremental_states = None
         self.stats: Optional[ExitStats] = None
+        self.next_encoder_outs = None  # computed by the generator before the batch (sorted by depth)
+
+    def forward_encoder(self, net_input: Dict[str, Tensor]):
+        if self.next_encoder_outs is not None:
+            encoder_outs, self.next_encoder_outs = self.next_encoder_outs, None
+            return encoder_outs
+        return super().forward_encoder(net_input)
 
     def forward_decoder(self, tokens, encoder_outs, incremental_states, temperature: float = 1.0):
         self.incremental_states = incremental_states
@@ -45,7 +52,8 @@ class AdaptiveEnsembleModel(EnsembleModel):
 class AdaptiveSequenceGenerator(SequenceGenerator):
     def __init__(self, models, tgt_dict, exit_strategy: str = "auto", exit_threshold=None,
                  fixed_exit: Optional[int] = None, exit_gather_ratio: Optional[float] = None,
-                 exit_kv: Optional[str] = None, decoder_step: Optional[str] = None, **kwargs):
+                 exit_kv: Optional[str] = None, decoder_step: Optional[str] = None,
+                 exit_sequence_order: Optional[str] = None, **kwargs):
         if len(models) > 1:
             raise ConfigError(f"--path: ensembles are not supported by the exit-aware generator (got {len(models)} "
                               "models); decode with one checkpoint, or average them first")
@@ -56,7 +64,7 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
         self.model.stats = self.stats
         # built (and validated) once, before any decoding
         self.policy = build_exit_policy(decoder, exit_strategy, exit_threshold, fixed_exit, self.stats,
-                                        exit_gather_ratio, exit_kv, decoder_step)
+                                        exit_gather_ratio, exit_kv, decoder_step, exit_sequence_order)
 
     def _generate(self, sample: Dict[str, Dict[str, Tensor]], prefix_tokens: Optional[Tensor] = None,
                   constraints: Optional[Tensor] = None, bos_token: Optional[int] = None):
@@ -67,6 +75,11 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
                                   "set with targets, as fairseq-generate reads; not fairseq-interactive)")
             self.policy.reference = sample["target"]
         steps = self.decoding_steps(sample)
+        order = None
+        if getattr(self.policy, "sorts_sentences", False) and self.model.has_encoder():
+            order = self.sort_sentences_by_depth(sample["net_input"])
+            sample, prefix_tokens, constraints = (permute_sample(sample, order), select_rows(prefix_tokens, order),
+                                                  select_rows(constraints, order))
         for decoder in decoders:
             decoder.exit_policy = self.policy
             decoder.beam_rows = self.beam_size  # fairseq's search keeps a sentence's beam rows together
@@ -80,10 +93,28 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
                 decoder.beam_rows = 1
                 decoder.lean_capacity = None
             self.model.incremental_states = None
+            self.model.next_encoder_outs = None
+            if order is not None:
+                self.policy.sorted_depths = None
+        if order is not None:  # back to the batch's order
+            unsorted: List[List[Dict[str, Tensor]]] = [[] for _ in finalized]
+            for position, sentence in enumerate(order.tolist()):
+                unsorted[sentence] = finalized[position]
+            finalized = unsorted
         for hypos in finalized:
             if hypos:
                 self.stats.add_hypothesis(hypos[0]["exits"])
         return finalized
+
+    def sort_sentences_by_depth(self, net_input) -> Tensor:
+        """Sequence-level depths (paper §3.1): the encoder runs once here, the estimator decides every
+        sentence's depth, and the batch is decoded deepest first (the encoder output, reordered, is what
+        ``_generate`` then receives), so that the rows reaching block n are the leading ones."""
+        encoder_outs = self.model.forward_encoder(net_input)
+        decoder, encoder = self.model.single_model.decoder, self.model.single_model.encoder
+        order = self.policy.sort_batch(decoder, encoder_outs[0])
+        self.model.next_encoder_outs = [encoder.reorder_encoder_out(encoder_outs[0], order)]
+        return order
 
     def decoding_steps(self, sample) -> int:
         """How many positions the lean step's key/value buffers get at the start of this batch: the most
@@ -118,3 +149,22 @@ def sentences_of_rows(bbsz_idx: Tensor, finished: List[bool], beam_size: int) ->
     ``SequenceGenerator.finalize_hypos`` (sentences already finished were removed from the batch)."""
     unfinished = [i for i, done in enumerate(finished) if not done]
     return [unfinished[row // beam_size] for row in bbsz_idx.tolist()]
+
+
+def select_rows(t: Optional[Tensor], order: Tensor) -> Optional[Tensor]:
+    return None if t is None else t.index_select(0, order.to(t.device))
+
+
+def permute_sample(sample, order: Tensor):
+    """A copy of ``sample`` with its sentences in ``order`` (every per-sentence tensor of the
+    batch; the caller's sample is left as it is)."""
+    bsz = order.numel()
+
+    def permuted(value):
+        if isinstance(value, Tensor) and value.dim() > 0 and value.size(0) == bsz:
+            return select_rows(value, order)
+        if isinstance(value, dict):
+            return {k: permuted(v) for k, v in value.items()}
+        return value
+
+    return permuted(sample)

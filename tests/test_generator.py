@@ -6,7 +6,7 @@ from fairseq.sequence_generator import SequenceGenerator
 
 from fairseq_dat.errors import ConfigError
 from fairseq_dat.exit_policy import ExitStats, PlannedDepth, build_exit_policy
-from fairseq_dat.modules.depth_estimators import geometric_halts
+from fairseq_dat.modules.depth_estimators import geometric_halts, masked_mean_over_source
 from fairseq_dat.modules.exit_aware_decoding import LeanBlockCache
 from fairseq_dat.sequence_generator import AdaptiveSequenceGenerator
 from helpers import incremental_step, materialize_all_pending_kv, random_batch, tiny_model
@@ -554,3 +554,94 @@ def test_decoder_step_flag_on_the_command_line(corpus, adaptive_checkpoint):
                 assert tokens == stock[sid][1]
     bad = cli_generate(corpus, adaptive_checkpoint, "--decoder-step", "fast")
     assert bad.returncode != 0 and "--decoder-step" in bad.stderr
+
+
+# ---- sequence-level depths, sentences decoded deepest first (--exit-sequence-order depth) ----------
+
+
+@pytest.fixture(scope="module")
+def sequence_model_and_dict():
+    """A sequence-level estimator whose depths differ from sentence to sentence on ``make_sample(d,
+    bsz=9, seed=4)``: the mean source states of a random model are nearly equal, so the estimator reads
+    their deviations from the batch's mean, strongly; end-of-sentence made likelier (a random model
+    rarely ends a hypothesis), so sentences finish at different steps."""
+    model, task, _ = tiny_model(extra=["--depth-estimator", "sequence"])
+    d = task.target_dictionary
+    proj = model.decoder.depth_estimator.proj
+    with torch.no_grad():
+        enc = model.encoder(**make_sample(d, bsz=9, seed=4)["net_input"])
+        pooled = masked_mean_over_source(enc["encoder_out"][0], enc["encoder_padding_mask"][0])
+        torch.manual_seed(5)
+        proj.weight.normal_(0, 50.0)
+        proj.bias.copy_(-proj.weight @ pooled.mean(0))
+        for weight in {id(p.weight): p.weight for p in map(model.decoder.exit_projection, (1, 2, 3))}.values():
+            weight[d.eos()] *= 2
+    return model, d
+
+
+def sequence_runs(model, d, sample, beam, orders=("depth", "batch"), steps=("lean",), **kwargs):
+    runs = {}
+    for order in orders:
+        for step in steps:
+            gen = AdaptiveSequenceGenerator([model], d, beam_size=beam, max_len_b=14, exit_threshold="0.5",
+                                            exit_sequence_order=order, decoder_step=step, **kwargs)
+            runs[order, step] = gen.generate([model], sample)
+    return runs
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_depth_sorted_decoding_equals_the_batch_order(sequence_model_and_dict, beam):
+    """Decoding deepest first gives every sentence, in the caller's order, the hypotheses, scores and
+    exits of the batch-order lean step and of fairseq's layers; the depths are neither all equal nor
+    already sorted, and sentences finish at different steps (the batch shrinks)."""
+    model, d = sequence_model_and_dict
+    sample = make_sample(d, bsz=9, seed=4)
+    runs = sequence_runs(model, d, sample, beam, steps=("lean", "fairseq"))
+    ref = runs["batch", "fairseq"]
+    depths = [int(sent[0]["exits"][0]) for sent in ref]
+    assert len(set(depths)) == 3 and depths != sorted(depths, reverse=True)
+    assert len({len(sent[0]["tokens"]) for sent in ref}) > 1
+    for key in (("depth", "lean"), ("batch", "lean")):
+        assert_same_hypotheses(ref, runs[key], bitwise=False)
+        for a, b in zip(ref, runs[key]):
+            for x, y in zip(a, b):
+                assert torch.equal(x["exits"], y["exits"])
+
+
+def test_depth_sorted_blocks_run_only_the_rows_that_reach_them(sequence_model_and_dict):
+    """Block n computes exactly the beam rows of the sentences whose depth is ≥ n, at every step (no
+    row run and discarded, no copied keys/values: its caches hold those rows only)."""
+    model, d = sequence_model_and_dict
+    sample = make_sample(d, bsz=9, seed=4)
+    beam = 3
+    gen = AdaptiveSequenceGenerator([model], d, beam_size=beam, max_len_b=14, exit_threshold="0.5",
+                                    exit_sequence_order="depth")
+    with RowCounter(model.decoder) as counter:
+        hypos = gen.generate([model], sample)
+    depths = torch.tensor([int(sent[0]["exits"][0]) for sent in hypos])
+    lengths = [max(len(h["tokens"]) for h in sent) for sent in hypos]
+    first = [beam * int((depths >= n).sum()) for n in (1, 2, 3)]
+    for n in range(3):
+        assert counter.rows[n][0] == first[n]  # step 0: all beam rows of the sentences reaching block n+1
+        assert all(rows <= first[n] and rows % beam == 0 for rows in counter.rows[n])
+        # the block runs until the last sentence that reaches it finishes
+        assert len(counter.rows[n]) == max(length for length, depth in zip(lengths, depths) if depth > n)
+
+
+def test_depth_sorted_decoding_keeps_prefix_tokens_with_their_sentences(sequence_model_and_dict):
+    model, d = sequence_model_and_dict
+    sample = make_sample(d, bsz=9, seed=4)
+    prefix = sample["target"][:, :2]
+    runs = {order: AdaptiveSequenceGenerator([model], d, beam_size=3, max_len_b=14, exit_threshold="0.5",
+                                             exit_sequence_order=order).generate([model], sample, prefix_tokens=prefix)
+            for order in ("depth", "batch")}
+    assert_same_hypotheses(runs["batch"], runs["depth"], bitwise=False)
+    for sent, pre in zip(runs["depth"], prefix):
+        assert torch.equal(sent[0]["tokens"][:2], pre)
+    assert torch.equal(sample["id"], torch.arange(9))  # the caller's sample is not reordered
+
+
+def test_bad_sequence_order_names_its_flag(sequence_model_and_dict):
+    model, d = sequence_model_and_dict
+    with pytest.raises(ConfigError, match="--exit-sequence-order"):
+        AdaptiveSequenceGenerator([model], d, exit_threshold="0.5", exit_sequence_order="sorted")

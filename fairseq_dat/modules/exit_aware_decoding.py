@@ -91,6 +91,14 @@ class ExitAwareDecoding:
         ready_logits: Dict[int, Tensor] = {}
         attn = None
         plan = policy.plan_step(self, encoder_out, incremental_state, prev_output_tokens)
+        if lean is not None and plan.get("prefix"):
+            depth = plan["depth"]
+            reach = rows_reaching(depth, n_layers)
+            out = self.logits_of_depth_segments(self.depth_prefix_step(lean, x[0], reach, enc, enc_mask, pad_mask),
+                                                reach)
+            self.record_step_exits(incremental_state, depth)
+            policy.count(depth)
+            return out.unsqueeze(1), {"attn": [None], "inner_states": None, "exits": depth}
         for n, layer in enumerate(self.layers, start=1):
             if deferred and active.numel() == 0:
                 break  # blocks n..N: keys/values from the copied state when a later token needs them
@@ -249,6 +257,41 @@ class ExitAwareDecoding:
             return keep_exited_rows(lean_block(layer, cache, x[0], None, pad).unsqueeze(0), x, active)
         return lean_block(layer, cache, x[0], active, pad).unsqueeze(0)
 
+    def depth_prefix_step(self, lean: List["LeanBlockCache"], h: Tensor, reach: List[int], enc, enc_mask, pad_mask):
+        """One step with sequence-level depths and the batch sorted deepest first (the generator's
+        ``--exit-sequence-order depth``): the rows that reach block n are the leading ``rows_reaching``
+        [n-1] rows, so block n runs on a slice of the states and its caches hold only those rows. A
+        sentence never runs a block past its depth, so no keys/values are copied to the blocks it skips
+        (the copy rule has no later token to serve). h: B x C block-1 inputs, reach: ``rows_reaching``
+        → each row's final state."""
+        pad = pad_mask[:, -1] if pad_mask is not None else None
+        for layer, cache, rows in zip(self.layers, lean, reach):
+            if rows == 0:
+                break
+            if layer.encoder_attn is not None and cache.src_k is None and enc is not None:
+                cache.cache_source(layer.encoder_attn, enc[:, :rows],
+                                   enc_mask[:rows] if enc_mask is not None else None, self.beam_rows)
+            out = lean_block(layer, cache, h[:rows], None, pad[:rows] if pad is not None else None)
+            h = out if rows == h.size(0) else torch.cat([out, h[rows:]])
+        return h
+
+    def logits_of_depth_segments(self, h: Tensor, reach: List[int]) -> Tensor:
+        """B x C final states of the depth-sorted layout → B x V: the rows of depth n are the slice
+        reach[n] : reach[n-1], each projected by exit n's classifier only."""
+        bounds = reach + [0]
+        segments = [self.exit_logits(h[bounds[n]:bounds[n - 1]], n)
+                    for n in range(len(reach), 0, -1) if bounds[n] < bounds[n - 1]]
+        return segments[0] if len(segments) == 1 else torch.cat(segments)
+
+    def reorder_depth_prefixes(self, lean: List["LeanBlockCache"], incremental_state, new_order: Tensor):
+        """Beam reordering of the depth-sorted layout: block n's caches take the leading rows of the
+        new order that reach it (the search keeps a sentence's rows together and finished sentences
+        leave without changing the order of the others, so those rows come from block n's rows)."""
+        depth = self.get_incremental_state(incremental_state, "exits")["planned"].index_select(0, new_order)
+        for cache, rows in zip(lean, rows_reaching(depth, self.num_layers)):
+            cache.reorder(new_order[:rows])
+            cache.reorder_source(new_order[:rows])
+
     # ---- deferred keys/values and beam reordering ----------------------------------------------
 
     def catch_up_block(self, index: int, incremental_state):
@@ -268,6 +311,10 @@ class ExitAwareDecoding:
         reaches cost nothing per step."""
         policy = getattr(self, "exit_policy", None)
         lean = self.lean_caches(incremental_state)
+        if lean is not None and getattr(policy, "sorted_depths", None) is not None:
+            self.reorder_depth_prefixes(lean, incremental_state, new_order)
+            self.reorder_incremental_state(incremental_state, new_order)
+            return
         if policy is None or (policy.kv_mode != "deferred" and lean is None):
             return super().reorder_incremental_state_scripting(incremental_state, new_order)
         if policy.kv_mode == "deferred":
@@ -392,6 +439,11 @@ def lean_step_unsupported(layer) -> Optional[str]:
     if any(getattr(m, "apply_during_inference", False) for m in layer.modules()):
         return "dropout kept at inference (--retain-dropout)"
     return None
+
+
+def rows_reaching(depth: Tensor, blocks: int) -> List[int]:
+    """How many rows run each block 1..``blocks`` (depth: B, 1-based exit of each row)."""
+    return (depth.unsqueeze(1) >= torch.arange(1, blocks + 1, device=depth.device)).sum(0).tolist()
 
 
 def split_heads(t: Tensor, heads: int) -> Tensor:

@@ -50,6 +50,11 @@ class AdaptiveTranslationConfig(TranslationConfig):
                 "deferred = computed from the copied states only when a later token runs that block "
                 "(one projection for all pending positions, never for blocks no later token reaches); "
                 "eager = appended at every step"})
+    exit_sequence_order: str = field(default="depth", metadata={
+        "help": "sequence-level estimators on the lean step: depth = the sentences of a batch are decoded "
+                "deepest first (their depths decided before the first step), so the rows that reach block n "
+                "are the batch's leading rows and each block runs on a slice, keeping keys/values only for "
+                "them; batch = fairseq's order, each block's rows gathered from the batch"})
     decoder_step: str = field(default="lean", metadata={
         "help": "how the decoder runs a block for one target position: lean = a torch-only step on the same "
                 "weights (self-attention keys/values in preallocated buffers written in place, fused q/k/v, "
@@ -146,7 +151,8 @@ class AdaptiveTranslationTask(TranslationTask):
         return {"exit_strategy": pick("exit_strategy") or "auto",
                 "exit_threshold": str(threshold) if threshold is not None else None,
                 "fixed_exit": pick("fixed_exit"), "exit_gather_ratio": pick("exit_gather_ratio"),
-                "exit_kv": pick("exit_kv"), "decoder_step": pick("decoder_step")}
+                "exit_kv": pick("exit_kv"), "decoder_step": pick("decoder_step"),
+                "exit_sequence_order": pick("exit_sequence_order")}
 
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
         hypos = super().inference_step(generator, models, sample, prefix_tokens=prefix_tokens,
