@@ -109,6 +109,7 @@ def test_invalid_training_flags_stop_before_training(corpus, tmp_path, flag, val
     ("--exit-threshold", "1.5", "--exit-threshold values must be in [0, 1], got 1.5"),
     ("--exit-threshold", "nan", "--exit-threshold values must be in [0, 1], got nan"),
     ("--fixed-exit", "9", "--fixed-exit must be in 1..3 for this checkpoint, got 9"),
+    ("--exit-sequence-order", "sorted", "--exit-sequence-order must be one of depth, batch, got 'sorted'"),
 ])
 def test_invalid_generation_flags_stop_before_decoding(corpus, adaptive_checkpoint, flag, value, needle):
     proc = generate(corpus, adaptive_checkpoint, flag, value)
