@@ -75,16 +75,16 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
                                   "set with targets, as fairseq-generate reads; not fairseq-interactive)")
             self.policy.reference = sample["target"]
         steps = self.decoding_steps(sample)
-        order = None
-        if getattr(self.policy, "sorts_sentences", False) and self.model.has_encoder():
-            order = self.sort_sentences_by_depth(sample["net_input"])
-            sample, prefix_tokens, constraints = (permute_sample(sample, order), select_rows(prefix_tokens, order),
-                                                  select_rows(constraints, order))
         for decoder in decoders:
             decoder.exit_policy = self.policy
             decoder.beam_rows = self.beam_size  # fairseq's search keeps a sentence's beam rows together
             decoder.lean_capacity = steps
+        order = None
         try:
+            if getattr(self.policy, "sorts_sentences", False) and self.model.has_encoder():
+                order = self.sort_sentences_by_depth(sample["net_input"])
+                sample, prefix_tokens, constraints = (permute_sample(sample, order), select_rows(prefix_tokens, order),
+                                                      select_rows(constraints, order))
             finalized = super()._generate(sample, prefix_tokens=prefix_tokens, constraints=constraints,
                                           bos_token=bos_token)
         finally:
@@ -94,13 +94,10 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
                 decoder.lean_capacity = None
             self.model.incremental_states = None
             self.model.next_encoder_outs = None
-            if order is not None:
+            if hasattr(self.policy, "sorted_depths"):
                 self.policy.sorted_depths = None
         if order is not None:  # back to the batch's order
-            unsorted: List[List[Dict[str, Tensor]]] = [[] for _ in finalized]
-            for position, sentence in enumerate(order.tolist()):
-                unsorted[sentence] = finalized[position]
-            finalized = unsorted
+            finalized = in_batch_order(finalized, order)
         for hypos in finalized:
             if hypos:
                 self.stats.add_hypothesis(hypos[0]["exits"])
@@ -149,6 +146,15 @@ def sentences_of_rows(bbsz_idx: Tensor, finished: List[bool], beam_size: int) ->
     ``SequenceGenerator.finalize_hypos`` (sentences already finished were removed from the batch)."""
     unfinished = [i for i, done in enumerate(finished) if not done]
     return [unfinished[row // beam_size] for row in bbsz_idx.tolist()]
+
+
+def in_batch_order(finalized: List[List[Dict[str, Tensor]]], order: Tensor) -> List[List[Dict[str, Tensor]]]:
+    """The hypotheses of sentences decoded in ``order`` (position i = sentence order[i]), back in the
+    batch's order."""
+    unsorted: List[List[Dict[str, Tensor]]] = [[] for _ in finalized]
+    for position, sentence in enumerate(order.tolist()):
+        unsorted[sentence] = finalized[position]
+    return unsorted
 
 
 def select_rows(t: Optional[Tensor], order: Tensor) -> Optional[Tensor]:
