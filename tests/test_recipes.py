@@ -4,9 +4,11 @@
 decoding all 7,283 valid pairs per setting took minutes); these tests check that every setting of
 the stage decodes exactly those pairs, and that a bad value is refused in one line.
 """
+import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from fairseq.data import Dictionary
@@ -24,8 +26,8 @@ def run_recipe(tmp_path, corpus, checkpoint, *args, **env):
         (tmp_path / "data.bpe").symlink_to(corpus.parent / "text")
         (tmp_path / "runs" / "aligned").mkdir(parents=True)
         shutil.copy(checkpoint, tmp_path / "runs" / "aligned" / "checkpoint_best.pt")
-    full_env = dict(tool_env(), SMOKE="1", DATA_BIN=str(data), RUN_DIR=str(tmp_path / "runs"),
-                    CONF_THRESHOLDS="0.9", **env)
+    full_env = dict(tool_env(), SMOKE="1", DATA_BIN=str(data), RUN_DIR=str(tmp_path / "runs"), CONF_THRESHOLDS="0.9")
+    full_env.update(env)
     return subprocess.run(["bash", str(RECIPE), *args], capture_output=True, text=True, env=full_env, timeout=600)
 
 
@@ -45,6 +47,17 @@ def test_eval_sentences_decodes_the_first_pairs_in_every_setting(tmp_path, corpu
         assert re.search(r"AE=[0-9.]+", text), log.name
     summary = [line for line in proc.stdout.splitlines() if line.startswith("aligned")]
     assert len(summary) == 6 and all("valid7" in line and "BLEU4 = " in line for line in summary)
+
+
+def test_the_recipe_finds_the_repos_environment_without_an_activated_venv(tmp_path, corpus, adaptive_checkpoint):
+    """PATH without the fairseq tools (a shell where the venv is not activated): the stages take them
+    from the repo's .venv instead of failing every setting with 'fairseq-generate: command not found'."""
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                           if d and not (Path(d) / "fairseq-generate").exists())
+    proc = run_recipe(tmp_path, corpus, adaptive_checkpoint, "eval", "aligned", "valid", EVAL_SENTENCES="7", PATH=path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("aligned")]
+    assert len(summary) == 6 and all("BLEU4 = " in line for line in summary), proc.stdout
 
 
 def test_eval_sentences_must_be_a_positive_integer(tmp_path, corpus, adaptive_checkpoint):

@@ -23,6 +23,15 @@
 #   dictionaries into RUN_DIR/eval-data/SUBSETN from DATA_BIN.bpe/SUBSET.{SRC_LANG,TGT_LANG}); the logs
 #   are then named generate-SUBSETN-SETTING.log (e.g. generate-valid200-full.log).
 
+# The fairseq tools: from PATH, else from the repo's own environment (`make install` makes .venv), so a
+# recipe runs without an activated venv; neither → one line before anything runs.
+if ! command -v fairseq-generate > /dev/null && [ -x "$REPO/.venv/bin/fairseq-generate" ]; then
+  PATH="$REPO/.venv/bin:$PATH"
+fi
+command -v fairseq-generate > /dev/null || {
+  echo "error: fairseq-train/fairseq-generate not found on PATH nor in $REPO/.venv/bin: run make install, or activate an environment with fairseq" >&2
+  return 1; }
+
 COMMON=(--user-dir "$REPO/fairseq_dat" --task adaptive_translation --seed 1 --log-format simple
         --log-interval 50 --keep-last-epochs 10 --save-interval-updates 0)
 
