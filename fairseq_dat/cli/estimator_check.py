@@ -10,8 +10,8 @@ Two checks, printed one line each, then a verdict line ``ESTIMATOR learned=yes|n
 - validation (with ``--train-log``, the ``fairseq-train`` log of the estimator stage): from the ``valid``
   line written at the checkpoint's update (the last one if none matches), ``exit_acc`` against
   ``exit_majority`` (the accuracy of always predicting the oracle's most frequent exit) and ``exit_loss``
-  against ``oracle_entropy`` (the cross-entropy of always predicting the oracle's exit distribution, bits). An estimator that beats neither is a majority
-  classifier.
+  against ``oracle_entropy`` (the cross-entropy of always predicting the oracle's exit distribution,
+  bits). An estimator that beats neither is a majority classifier.
 The verdict: learned=yes when the parameters moved (relative distance > 1% for some tensor) and, with a
 log, exit_acc ≥ exit_majority + ``--min-margin`` points or exit_loss ≤ oracle_entropy − ``--min-loss-gain``
 bits (0.01: a loss a hair under the entropy is the prior, not a learned estimator).

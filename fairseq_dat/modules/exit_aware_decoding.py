@@ -86,10 +86,6 @@ class ExitAwareDecoding:
         if policy.decoder_step == "lean" and not self.training:  # the lean step has no dropout
             lean = self.lean_caches(incremental_state) or self.start_lean_caches(incremental_state)
         bsz, n_layers = x.size(1), self.num_layers
-        step_exits = torch.full((bsz,), n_layers, dtype=torch.long, device=x.device)
-        active = torch.arange(bsz, device=x.device)
-        ready_logits: Dict[int, Tensor] = {}
-        attn = None
         plan = policy.plan_step(self, encoder_out, incremental_state, prev_output_tokens)
         if lean is not None and plan.get("prefix"):
             depth = plan["depth"]
@@ -99,6 +95,10 @@ class ExitAwareDecoding:
             self.record_step_exits(incremental_state, depth)
             policy.count(depth)
             return out.unsqueeze(1), {"attn": [None], "inner_states": None, "exits": depth}
+        step_exits = torch.full((bsz,), n_layers, dtype=torch.long, device=x.device)
+        active = torch.arange(bsz, device=x.device)
+        ready_logits: Dict[int, Tensor] = {}
+        attn = None
         for n, layer in enumerate(self.layers, start=1):
             if deferred and active.numel() == 0:
                 break  # blocks n..N: keys/values from the copied state when a later token needs them
