@@ -58,7 +58,8 @@ class AdaptiveTranslationConfig(TranslationConfig):
     decoder_step: str = field(default="lean", metadata={
         "help": "how the decoder runs a block for one target position: lean = a torch-only step on the same "
                 "weights (self-attention keys/values in preallocated buffers written in place, fused q/k/v, "
-                "source keys/values once per block, scaled_dot_product_attention, only the rows that have not "
+                "source keys/values once per block, scaled_dot_product_attention (two batched matrix products on a "
+                "CPU), only the rows that have not "
                 "exited); fairseq = fairseq's own decoder layers and caches (full depth without exit flags: "
                 "fairseq's decoder unchanged)"})
 
