@@ -19,6 +19,10 @@ For each decoding setting (batch size x beam size) the same batches (fairseq's
                       printed also against row 5 of the same type (``CT2 RESULT``: the fastest within
                       --bleu-tolerance of it).
 
+``--rows ct2`` keeps row 1, row 5 and the CTranslate2 rows only, with every exit k = 1..N streamed
+(``ct2 TYPE exit k stream``) and the stream rows compared with the streamed full depth (k = N): the
+same one-call re-batching on both sides, and more passes in the same time.
+
 Each row reports tokens/s and sentences/s (median of interleaved repeats; only the generator calls
 are timed), BLEU (fairseq's tokenized BLEU scorer on --remove-bpe'd output, one scorer for all rows),
 output length (tokens per sentence, EOS included), AE (mean exit over output tokens), compute AE
@@ -104,9 +108,16 @@ def parse_args(argv=None):
                              "row decodes the same number of tokens: a clean time-per-token comparison (BLEU "
                              "is then meaningless)")
     parser.add_argument("--no-ct2", action="store_true", help="skip the CTranslate2 rows")
+    parser.add_argument("--rows", choices=("all", "ct2"), default="all",
+                        help="ct2: only fairseq's full-depth row and the CTranslate2 rows, every exit also "
+                             "streamed (``ct2 TYPE exit k stream``, k = N is the streamed full depth the "
+                             "stream rows are compared with): more passes in the same time for the deployment "
+                             "comparison (default: all)")
     parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
                         help=f"where the markdown table and the PNG go (default: {DEFAULT_OUT_DIR})")
     args = parser.parse_args(argv)
+    if args.rows == "ct2" and args.no_ct2:
+        parser.error("--rows ct2 needs the CTranslate2 rows: drop --no-ct2")
     if args.quick:
         args.max_sentences = args.max_sentences or 500
         args.batch1_sentences = args.batch1_sentences or 100
@@ -362,13 +373,20 @@ def ct2_adaptive_rows(ctx, search: "Search", args, est_thresholds, sources, fixe
     from fairseq_dat.ctranslate2 import AdaptiveTranslator
 
     tgt_dict, n, rows = ctx.task.target_dictionary, ctx.dims.num_layers, []
+    only_ct2 = getattr(args, "rows", "all") == "ct2"
     for compute_type in CT2_COMPUTE_TYPES:
         translator = AdaptiveTranslator(ctx.ct2_exits, threads=args.threads, compute_type=compute_type)
-        rows += [CT2AdaptiveRow(f"ct2 {compute_type} exit {k}", "ct2-exit", translator, sources, tgt_dict, search, n,
-                                {"fixed_exit": k}) for k in fixed_exits]
+        if only_ct2:  # every exit streamed, N included: the baseline of the stream rows
+            rows += [CT2StreamRow(f"ct2 {compute_type} exit {k} stream", "ct2-exit" if k < n else "ct2-stream-full",
+                                  translator, sources, tgt_dict, search, n, {"fixed_exit": k})
+                     for k in range(1, n + 1)]
+        else:
+            rows += [CT2AdaptiveRow(f"ct2 {compute_type} exit {k}", "ct2-exit", translator, sources, tgt_dict, search,
+                                    n, {"fixed_exit": k}) for k in fixed_exits]
         if translator.estimator is not None:
-            rows += [CT2AdaptiveRow(f"ct2 {compute_type} adaptive T={t:g}", "ct2-adaptive", translator, sources,
-                                    tgt_dict, search, n, {"exit_threshold": t}) for t in est_thresholds]
+            if not only_ct2:
+                rows += [CT2AdaptiveRow(f"ct2 {compute_type} adaptive T={t:g}", "ct2-adaptive", translator, sources,
+                                        tgt_dict, search, n, {"exit_threshold": t}) for t in est_thresholds]
             rows += [CT2StreamRow(f"ct2 {compute_type} adaptive T={t:g} stream", "ct2-adaptive", translator, sources,
                                   tgt_dict, search, n, {"exit_threshold": t}) for t in est_thresholds]
     return rows
@@ -379,10 +397,14 @@ def ct2_relative_lines(summaries, tolerance: float) -> List[str]:
     and the fastest adaptive row within ``tolerance`` BLEU of it (``CT2 RESULT``)."""
     lines = []
     for compute_type in CT2_COMPUTE_TYPES:
-        base = next((s for s in summaries if s.name == f"ct2 {compute_type}"), None)
+        # with ``--rows ct2`` the streamed full depth: the stream rows' own baseline (one call, each group
+        # re-batched by CTranslate2), otherwise the per-batch full-depth row
+        base = next((s for s in summaries if s.kind == "ct2-stream-full" and s.name.startswith(f"ct2 {compute_type} ")),
+                    None) or next((s for s in summaries if s.name == f"ct2 {compute_type}"), None)
         ours = [s for s in summaries if s.kind in ("ct2-exit", "ct2-adaptive") and s.name.startswith(f"ct2 {compute_type} ")]
         if base is None or not ours:
             continue
+        lines.append(f"ct2 {compute_type} rows against {base.name} ({base.tokens_per_s:.0f} tokens/s)")
         for s in ours:
             lines.append(f"{s.name}: {s.tokens_per_s / base.tokens_per_s:.2f}x ct2 {compute_type} full depth, "
                          f"{s.speedup:.2f}x fairseq, BLEU {s.bleu - base.bleu:+.2f} against it, AE {s.ae:.2f}")
@@ -526,8 +548,8 @@ def result_line(summaries: List[Summary], tolerance: float, kinds=("estimator", 
     confidence thresholding is left out: it projects onto the vocabulary at every block a row visits,
     work the limit rows never do)."""
     base = summaries[0]
-    ours = next(s for s in summaries if s.kind == "ours")
-    overhead = base.tokens_per_s / ours.tokens_per_s  # time(row 2) / time(row 1) per token
+    ours = next((s for s in summaries if s.kind == "ours"), None)
+    overhead = base.tokens_per_s / ours.tokens_per_s if ours else float("nan")  # time(row 2) / time(row 1) per token
     engine = {name: next((s.speedup for s in summaries if s.kind == "ct2" and s.name == f"ct2 {name}"), float("nan"))
               for name in ("float32", "int8")}
     efficiencies = [s.efficiency for s in summaries if s.kind == "estimator" and s.efficiency == s.efficiency]
@@ -546,7 +568,7 @@ def write_plot(per_setting: Dict[str, List[Summary]], path: str):
     import matplotlib.pyplot as plt
 
     markers = {"fairseq": "s", "ours": "D", "fixed": "P", "limit": "o", "estimator": "^", "confidence": "v",
-               "ct2": "x"}
+               "ct2": "x", "ct2-stream-full": "X", "ct2-exit": "1", "ct2-adaptive": "*"}
     fig, axes = plt.subplots(1, len(per_setting), figsize=(6 * len(per_setting), 4.5), squeeze=False)
     for ax, (setting, summaries) in zip(axes[0], per_setting.items()):
         for kind, marker in markers.items():
@@ -605,9 +627,24 @@ class Search:
         return {"beam_size": self.beam, "max_decoding_length": self.max_len_b}
 
 
+def ct2_comparison_rows(ctx: Context, search: Search, args, est_thresholds, sources) -> List[Row]:
+    """``--rows ct2``: fairseq at full depth (the reference), CTranslate2 at full depth per batch, and
+    every exit and estimator threshold streamed."""
+    tgt_dict, n = ctx.task.target_dictionary, ctx.dims.num_layers
+    rows: List[Row] = [FairseqRow("fairseq full", "fairseq", ctx.limits[n], tgt_dict, search, n)]
+    ctranslate2, model_dir = ctx.ct2
+    for compute_type in CT2_COMPUTE_TYPES:
+        translator = ctranslate2.Translator(model_dir, device="cpu", compute_type=compute_type,
+                                            inter_threads=1, intra_threads=args.threads)
+        rows.append(CT2Row(f"ct2 {compute_type}", translator, sources, tgt_dict, search, n))
+    return rows + ct2_adaptive_rows(ctx, search, args, est_thresholds, sources, list(range(1, n)))
+
+
 def build_rows(ctx: Context, search: Search, args, est_thresholds, conf_thresholds, sources,
                fixed_exits: Optional[List[int]] = None, kv_rows: bool = True) -> List[Row]:
     tgt_dict, n = ctx.task.target_dictionary, ctx.dims.num_layers
+    if args.rows == "ct2":
+        return ct2_comparison_rows(ctx, search, args, est_thresholds, sources)
     rows: List[Row] = [FairseqRow("fairseq full", "fairseq", ctx.limits[n], tgt_dict, search, n),
                        AdaptiveRow("ours (no flags)", "ours", ctx.model, tgt_dict, search),
                        AdaptiveRow(f"ours fixed={n}", "ours", ctx.model, tgt_dict, search, fixed_exit=n)]
