@@ -83,3 +83,14 @@ def test_only_the_training_split_is_batched_in_multiples(corpus, train_subset, c
     itr = task.get_batch_iterator(task.dataset("train"), max_sentences=64, required_batch_size_multiple=8)
     batches = list(itr.next_epoch_itr(shuffle=False))
     assert sum(len(b["id"]) for b in batches) == covered
+
+
+def test_stage2_train_subset_must_be_a_binarized_split(tmp_path, corpus, adaptive_checkpoint):
+    """STAGE2_TRAIN_SUBSET (the estimator stage on held-out sentences) names a split of DATA_BIN; a split
+    that is not there stops the recipe in one line naming it, before any training."""
+    proc = run_recipe(tmp_path, corpus, adaptive_checkpoint, "train", "sequence-LL+frozen",
+                      STAGE2_TRAIN_SUBSET="heldout")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: STAGE2_TRAIN_SUBSET=heldout: ") and last.endswith("heldout.de-en.de.idx not found")
+    assert not (tmp_path / "runs" / "sequence-LL+frozen").exists()

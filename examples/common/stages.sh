@@ -11,6 +11,9 @@
 #   fixed); --lr-scheduler fixed at STAGE2_LR (default 3e-4), the estimator at --estimator-lr-multiplier
 #   (default 10) times that; validation every STAGE2_VALIDATE updates (default 200), stop after
 #   STAGE2_PATIENCE (default 5) validations without a lower valid exit_loss, the best one kept.
+#   STAGE2_TRAIN_SUBSET=SPLIT trains the estimator stage on another binarized split of DATA_BIN (e.g.
+#   test1: sentences the stage-1 model never saw, so their oracle depths are those of unseen input;
+#   fairseq's --train-subset), validating only every STAGE2_VALIDATE updates (not at each short epoch).
 #
 # Stages (each resumable: rerunning continues from RUN_DIR/<stage>/checkpoint_last.pt):
 #   aligned | baseline-N (N decoder blocks, one exit) | mixed-M | <estimator>-<LL|C>
@@ -43,6 +46,13 @@ stage_two_flags() {
                 --best-checkpoint-metric exit_loss --patience "${STAGE2_PATIENCE:-5}"
                 --validate-interval-updates "$validate" --save-interval-updates "$validate" --keep-interval-updates 1
                 --no-epoch-checkpoints)
+  if [ -n "${STAGE2_TRAIN_SUBSET:-}" ]; then
+    local src=${SRC_LANG:-de} tgt=${TGT_LANG:-en}
+    [ -f "$DATA_BIN/$STAGE2_TRAIN_SUBSET.$src-$tgt.$src.idx" ] || {
+      echo "error: STAGE2_TRAIN_SUBSET=$STAGE2_TRAIN_SUBSET: $DATA_BIN/$STAGE2_TRAIN_SUBSET.$src-$tgt.$src.idx not found" >&2
+      return 1; }
+    STAGE2_FLAGS+=(--train-subset "$STAGE2_TRAIN_SUBSET" --validate-interval 1000000 --save-interval 1000000)
+  fi
   case "${STAGE2_MODE:-joint}" in
     joint) ;;
     frozen) STAGE2_FLAGS+=(--train-estimator-only) ;;
