@@ -373,7 +373,7 @@ def ct2_adaptive_rows(ctx, search: "Search", args, est_thresholds, sources, fixe
     from fairseq_dat.ctranslate2 import AdaptiveTranslator
 
     tgt_dict, n, rows = ctx.task.target_dictionary, ctx.dims.num_layers, []
-    only_ct2 = getattr(args, "rows", "all") == "ct2"
+    only_ct2 = args.rows == "ct2"
     for compute_type in CT2_COMPUTE_TYPES:
         translator = AdaptiveTranslator(ctx.ct2_exits, threads=args.threads, compute_type=compute_type)
         if only_ct2:  # every exit streamed, N included: the baseline of the stream rows
@@ -627,16 +627,26 @@ class Search:
         return {"beam_size": self.beam, "max_decoding_length": self.max_len_b}
 
 
+def ct2_full_depth_rows(ctx: Context, search: Search, args, sources) -> List[Row]:
+    """``ct2 float32`` / ``ct2 int8``: CTranslate2 on the full-depth model, per batch (none without it)."""
+    if ctx.ct2 is None:
+        return []
+    ctranslate2, model_dir = ctx.ct2
+    rows: List[Row] = []
+    for compute_type in CT2_COMPUTE_TYPES:
+        translator = ctranslate2.Translator(model_dir, device="cpu", compute_type=compute_type,
+                                            inter_threads=1, intra_threads=args.threads)
+        rows.append(CT2Row(f"ct2 {compute_type}", translator, sources, ctx.task.target_dictionary, search,
+                           ctx.dims.num_layers))
+    return rows
+
+
 def ct2_comparison_rows(ctx: Context, search: Search, args, est_thresholds, sources) -> List[Row]:
     """``--rows ct2``: fairseq at full depth (the reference), CTranslate2 at full depth per batch, and
     every exit and estimator threshold streamed."""
     tgt_dict, n = ctx.task.target_dictionary, ctx.dims.num_layers
     rows: List[Row] = [FairseqRow("fairseq full", "fairseq", ctx.limits[n], tgt_dict, search, n)]
-    ctranslate2, model_dir = ctx.ct2
-    for compute_type in CT2_COMPUTE_TYPES:
-        translator = ctranslate2.Translator(model_dir, device="cpu", compute_type=compute_type,
-                                            inter_threads=1, intra_threads=args.threads)
-        rows.append(CT2Row(f"ct2 {compute_type}", translator, sources, tgt_dict, search, n))
+    rows += ct2_full_depth_rows(ctx, search, args, sources)
     return rows + ct2_adaptive_rows(ctx, search, args, est_thresholds, sources, list(range(1, n)))
 
 
@@ -670,12 +680,7 @@ def build_rows(ctx: Context, search: Search, args, est_thresholds, conf_threshol
     rows += [AdaptiveRow(f"confidence T={t:g}", "confidence", ctx.model, tgt_dict, search,
                          flops_rule=exit_rule("confidence"), exit_strategy="confidence", exit_threshold=str(t))
              for t in conf_thresholds]
-    if ctx.ct2 is not None:
-        ctranslate2, model_dir = ctx.ct2
-        for compute_type in ("float32", "int8"):
-            translator = ctranslate2.Translator(model_dir, device="cpu", compute_type=compute_type,
-                                                inter_threads=1, intra_threads=args.threads)
-            rows.append(CT2Row(f"ct2 {compute_type}", translator, sources, tgt_dict, search, n))
+    rows += ct2_full_depth_rows(ctx, search, args, sources)
     rows += ct2_adaptive_rows(ctx, search, args, est_thresholds, sources, fixed_exits)
     return rows
 
