@@ -102,6 +102,9 @@ def parse_args(argv=None):
                              "otherwise later settings only rerun the first setting's best thresholds")
     parser.add_argument("--bleu-tolerance", type=float, default=0.3,
                         help="an adaptive row counts for RESULT if its BLEU is within this of row 1")
+    parser.add_argument("--max-len-a", type=float, default=0.0,
+                        help="fairseq-generate --max-len-a: each batch generates at most a * S + b tokens, S its "
+                             "longest source (every engine; the demo recipe evaluates with 1.2 and 10)")
     parser.add_argument("--max-len-b", type=int, default=200, help="fairseq-generate --max-len-b")
     parser.add_argument("--fixed-length", type=int, default=None, metavar="L",
                         help="force every output to L tokens + EOS (fairseq --min-len = max length), so every "
@@ -118,6 +121,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.rows == "ct2" and args.no_ct2:
         parser.error("--rows ct2 needs the CTranslate2 rows: drop --no-ct2")
+    if args.max_len_a < 0 or args.max_len_b < 1:
+        parser.error(f"--max-len-a must be >= 0 and --max-len-b >= 1, got {args.max_len_a:g} and {args.max_len_b}")
     if args.quick:
         args.max_sentences = args.max_sentences or 500
         args.batch1_sentences = args.batch1_sentences or 100
@@ -254,7 +259,7 @@ class CT2Row(Row):
     def generate(self, batch):
         tokens = [self.sources[sid] for sid in batch["id"].tolist()]
         return self.translator.translate_batch(tokens, max_batch_size=0, return_scores=False,
-                                               **self.search.ct2_kwargs())
+                                               **self.search.ct2_kwargs(batch["net_input"]["src_tokens"].size(1)))
 
     def unpack(self, batch, results):
         outputs = []
@@ -312,8 +317,7 @@ class CT2AdaptiveRow(Row):
 
     def generate(self, batch):
         tokens = [self.sources[sid] for sid in batch["id"].tolist()]
-        options = self.search.ct2_kwargs()
-        return self.translator.translate(tokens, beam=options.pop("beam_size"), batch_size=len(tokens), **options,
+        return self.translator.translate(tokens, batch_size=len(tokens), **self.search.translator_kwargs(),
                                          **self.route)
 
     def unpack(self, batch, results):
@@ -337,9 +341,8 @@ class CT2StreamRow(CT2AdaptiveRow):
     def generate(self, batch):
         if self.results is None:
             ids = sorted(self.sources)  # the sentences of this setting (run_setting passes only those)
-            options = self.search.ct2_kwargs()
-            out = self.translator.translate([self.sources[sid] for sid in ids], beam=options.pop("beam_size"),
-                                            batch_size=len(batch["id"]), **options, **self.route)
+            out = self.translator.translate([self.sources[sid] for sid in ids], batch_size=len(batch["id"]),
+                                            **self.search.translator_kwargs(), **self.route)
             self.results = dict(zip(ids, out))
         return [self.results[sid] for sid in batch["id"].tolist()]
 
@@ -613,18 +616,30 @@ class Search:
     beam: int
     max_len_b: int
     fixed_length: Optional[int] = None
+    max_len_a: float = 0.0
+
+    def length_limit(self):
+        """(a, b): each batch generates at most a · S + b tokens, S its longest source with EOS."""
+        return (0.0, self.fixed_length) if self.fixed_length else (self.max_len_a, self.max_len_b)
 
     def fairseq_kwargs(self) -> dict:
-        if self.fixed_length:
-            return {"beam_size": self.beam, "max_len_a": 0, "max_len_b": self.fixed_length,
-                    "min_len": self.fixed_length}
-        return {"beam_size": self.beam, "max_len_b": self.max_len_b}
+        a, b = self.length_limit()
+        kwargs = {"beam_size": self.beam, "max_len_a": a, "max_len_b": b}
+        return {**kwargs, "min_len": self.fixed_length} if self.fixed_length else kwargs
 
-    def ct2_kwargs(self) -> dict:
-        if self.fixed_length:
-            return {"beam_size": self.beam, "max_decoding_length": self.fixed_length,
-                    "min_decoding_length": self.fixed_length}
-        return {"beam_size": self.beam, "max_decoding_length": self.max_len_b}
+    def ct2_kwargs(self, src_len: int) -> dict:
+        """``Translator.translate_batch`` options for one batch whose longest source has src_len tokens
+        with EOS: fairseq's length limit of that batch (fairseq_dat.ctranslate2.fairseq_max_len)."""
+        from fairseq_dat.ctranslate2 import fairseq_max_len
+
+        kwargs = {"beam_size": self.beam, "max_decoding_length": fairseq_max_len(*self.length_limit(), src_len)}
+        return {**kwargs, "min_decoding_length": self.fixed_length} if self.fixed_length else kwargs
+
+    def translator_kwargs(self) -> dict:
+        """``AdaptiveTranslator.translate`` options (it applies the limit per batch itself)."""
+        a, b = self.length_limit()
+        kwargs = {"beam": self.beam, "max_len_a": a, "max_len_b": b}
+        return {**kwargs, "min_decoding_length": self.fixed_length} if self.fixed_length else kwargs
 
 
 def ct2_full_depth_rows(ctx: Context, search: Search, args, sources) -> List[Row]:
@@ -722,7 +737,7 @@ def run_setting(ctx: Context, args, batch_size: int, beam: int, est_thresholds, 
     limit = args.batch1_sentences if batch_size == 1 and args.batch1_sentences else args.max_sentences
     batches = load_batches(ctx.task, [ctx.model], args.subset, batch_size, limit)
     decoded = {sid: sources[sid] for b in batches for sid in b["id"].tolist() if sid in sources}
-    rows = build_rows(ctx, Search(beam, args.max_len_b, args.fixed_length), args, est_thresholds, conf_thresholds,
+    rows = build_rows(ctx, Search(beam, args.max_len_b, args.fixed_length, args.max_len_a), args, est_thresholds, conf_thresholds,
                       decoded, fixed_exits, kv_rows)
     nsent = sum(len(b["id"]) for b in batches)
     print(f"\n== beam {beam}, batch {batch_size}: {nsent} sentences in {len(batches)} batches, {len(rows)} rows "

@@ -313,12 +313,14 @@ class AdaptiveTranslator:
     # ---- translation ----------------------------------------------------------------------------
 
     def translate(self, sentences: Sequence, beam: int = 5, exit_threshold=None, fixed_exit: Optional[int] = None,
-                  batch_size: int = 64, max_decoding_length: int = 200, **options) -> List[Translation]:
+                  batch_size: int = 64, max_len_a: float = 0.0, max_len_b: int = 200, **options) -> List[Translation]:
         """Translate BPE'd sentences (strings or token lists); results in input order.
 
         ``fixed_exit`` k: every sentence by exit k's model. Otherwise each sentence's depth comes from
         the sequence estimator (``exit_threshold`` τ, or argmax q without it) and sentences of one depth
-        are translated together, ``batch_size`` at a time. ``options`` go to ``translate_batch``.
+        are translated together, ``batch_size`` at a time, shortest sources first (as CTranslate2 batches
+        them itself). Each batch may generate ``max_len_a`` · S + ``max_len_b`` tokens, S its longest source
+        with EOS: fairseq-generate's ``--max-len-a/--max-len-b`` rule. ``options`` go to ``translate_batch``.
         """
         if fixed_exit is not None and exit_threshold is not None:
             raise ConfigError("--fixed-exit and --exit-threshold exclude each other")
@@ -331,12 +333,29 @@ class AdaptiveTranslator:
             depths = [self.served_exit(d) for d in self.predict_depths(tokens, exit_threshold, batch_size)]
         results: List[Optional[Translation]] = [None] * len(tokens)
         for k, ids in group_by(depths).items():
-            outputs = self.translators[k].translate_batch(
-                [tokens[i] for i in ids], beam_size=beam, max_batch_size=batch_size,
-                max_decoding_length=max_decoding_length, return_scores=True, **options)
-            for i, out in zip(ids, outputs):
-                results[i] = Translation(out.hypotheses[0], out.scores[0], k)
+            for batch in length_sorted_batches(ids, tokens, batch_size):
+                limit = fairseq_max_len(max_len_a, max_len_b, max(len(tokens[i]) for i in batch) + 1)
+                outputs = self.translators[k].translate_batch(
+                    [tokens[i] for i in batch], beam_size=beam, max_batch_size=0, max_decoding_length=limit,
+                    return_scores=True, **options)
+                for i, out in zip(batch, outputs):
+                    results[i] = Translation(out.hypotheses[0], out.scores[0], k)
         return results
+
+
+def fairseq_max_len(max_len_a: float, max_len_b: int, src_len: int) -> int:
+    """The most tokens a batch may generate under fairseq-generate's ``--max-len-a/--max-len-b``:
+    ``int(a · src_len + b)``, src_len the batch's longest source with its EOS (SequenceGenerator's rule).
+    Per batch, not per call: one sentence whose last beams never end cannot hold every batch for
+    ``max_len_b`` steps."""
+    return int(max_len_a * src_len + max_len_b)
+
+
+def length_sorted_batches(ids: Sequence[int], tokens: Sequence[List[str]], batch_size: int) -> List[List[int]]:
+    """``ids`` in batches of ``batch_size``, shortest sources first (stable): what ``translate_batch``'s
+    ``max_batch_size`` does inside the engine, done here so that each batch gets its own length limit."""
+    order = sorted(ids, key=lambda i: len(tokens[i]))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def group_by(depths: Sequence[int]) -> Dict[int, List[int]]:

@@ -29,7 +29,7 @@ from fairseq_dat.ctranslate2 import AdaptiveTranslator, average_exit, export, pa
 from fairseq_dat.stock_exits import stock_args, truncated_stock_model  # noqa: E402
 
 SENTENCES = 200
-MAX_LEN = 50  # fairseq-generate --max-len-b and CTranslate2's max_decoding_length
+MAX_LEN = 50  # fairseq-generate's and AdaptiveTranslator.translate's --max-len-b / max_len_b
 BEAM = 5
 
 
@@ -117,7 +117,7 @@ def test_export_writes_one_model_per_exit_and_the_estimator(exported):
 def test_exit_k_translates_as_fairseq_generate_fixed_exit_k(trained, translator, k):
     hyps, exits = generate(trained, "--fixed-exit", k)
     assert all(e == {k} for e in exits.values())
-    results = translator.translate(trained[2], beam=BEAM, fixed_exit=k, max_decoding_length=MAX_LEN)
+    results = translator.translate(trained[2], beam=BEAM, fixed_exit=k, max_len_b=MAX_LEN)
     assert all(r.depth == k for r in results)
     assert_same_translations(results, hyps, trained[3], f"exit {k}")
 
@@ -132,11 +132,28 @@ def test_routing_gives_the_generators_depth_and_translation(trained, translator,
     expected = [next(iter(exits[i])) for i in range(SENTENCES)]
     depths = translator.predict_depths(trained[2], threshold)
     assert depths == expected
-    results = translator.translate(trained[2], beam=BEAM, exit_threshold=threshold, max_decoding_length=MAX_LEN)
+    results = translator.translate(trained[2], beam=BEAM, exit_threshold=threshold, max_len_b=MAX_LEN)
     assert [r.depth for r in results] == expected
     assert_same_translations(results, hyps, trained[3], f"routing at {threshold}")
     if threshold == "0.7":  # a threshold where the sentences really are split between depths
         assert len(set(expected)) >= 2, f"all sentences at one depth: {set(expected)}"
+
+
+def test_length_limit_is_fairseq_generates_per_batch(trained, translator):
+    """--max-len-a/-b: each batch may generate int(a * S + b) tokens, S its longest source with EOS, as
+    fairseq-generate does (one sentence per batch here, so every sentence has its own limit). The limit
+    binds on many sentences; a single limit for the whole call would let short sentences run past theirs."""
+    a, b, k = 0.5, 1, 3
+    hyps, _ = generate(trained, "--fixed-exit", k, "--max-len-a", a, "--max-len-b", b, "--batch-size", 1)
+    results = translator.translate(trained[2], beam=BEAM, fixed_exit=k, batch_size=1, max_len_a=a, max_len_b=b)
+    limits = [int(a * (len(line.split()) + 1) + b) for line in trained[2]]
+    ours = [len(r.tokens) for r in results]
+    theirs = [len(hyps[i].split()) for i in range(SENTENCES)]
+    assert all(n <= limit for n, limit in zip(ours, limits)), "an output ran past its batch's limit"
+    assert all(n <= limit for n, limit in zip(theirs, limits)), "fairseq-generate's limit is not int(a * S + b)"
+    at_limit = sum(n == limit for n, limit in zip(ours, limits))
+    assert at_limit >= SENTENCES // 10, f"the limit binds on only {at_limit} sentences: it is not tested"
+    assert sum(n == m for n, m in zip(ours, theirs)) >= 0.9 * SENTENCES
 
 
 def test_translate_command_reads_stdin_and_prints_depths_and_ae(trained, translator, exported):
@@ -147,7 +164,7 @@ def test_translate_command_reads_stdin_and_prints_depths_and_ae(trained, transla
     out = proc.stdout.splitlines()
     hyps = [line.split("\t") for line in out if line.startswith("H-")]
     exits = [line.split("\t")[1].split() for line in out if line.startswith("E-")]
-    results = translator.translate(lines, beam=BEAM, exit_threshold=0.7, max_decoding_length=MAX_LEN)
+    results = translator.translate(lines, beam=BEAM, exit_threshold=0.7, max_len_b=MAX_LEN)
     assert [h[0] for h in hyps] == [f"H-{i}" for i in range(20)]
     assert [h[2] for h in hyps] == [" ".join(r.tokens) for r in results]
     assert [set(e) for e in exits] == [{str(r.depth)} for r in results]
@@ -192,7 +209,8 @@ def test_translate_command_errors(exported):
     for flags, needle in ((["--fixed-exit", "4"], "--fixed-exit 4"),
                           (["--exit-threshold", "1.5"], "--exit-threshold"),
                           (["--fixed-exit", "1", "--exit-threshold", "0.5"], "exclude each other"),
-                          (["--beam", "0"], "--beam")):
+                          (["--beam", "0"], "--beam"),
+                          (["--max-len-a", "-0.5"], "--max-len-a")):
         proc = run_module(f"fairseq_dat.cli.{tool}", exported, *flags, stdin="ein mann .\n")
         assert_one_line_error(proc, tool, needle)
         assert "H-" not in proc.stdout
@@ -220,7 +238,7 @@ def test_a_token_level_estimator_exports_but_cannot_route(tmp_path):
     translator = AdaptiveTranslator(str(tmp_path / "export"), threads=1)
     with pytest.raises(ConfigError, match="decides per token.*--fixed-exit"):
         translator.translate(["w4 w5 w6"], exit_threshold=0.5)
-    assert [r.depth for r in translator.translate(["w4 w5 w6"], beam=2, fixed_exit=2, max_decoding_length=5)] == [2]
+    assert [r.depth for r in translator.translate(["w4 w5 w6"], beam=2, fixed_exit=2, max_len_b=5)] == [2]
 
 
 @pytest.mark.parametrize("extra, needle", [

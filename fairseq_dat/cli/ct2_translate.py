@@ -33,7 +33,10 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=64, help="sentences per engine batch (default 64)")
     parser.add_argument("--buffer-size", type=int, default=1024,
                         help="input lines read before translating them (routing groups within a buffer)")
-    parser.add_argument("--max-len-b", type=int, default=200, help="maximum output length in tokens (default 200)")
+    parser.add_argument("--max-len-a", type=float, default=0.0,
+                        help="generate at most max_len_a * S + max_len_b tokens, S the batch's longest source "
+                             "(fairseq-generate's rule; default 0)")
+    parser.add_argument("--max-len-b", type=int, default=200, help="see --max-len-a (default 200)")
     parser.add_argument("--threads", type=int, default=2, help="CTranslate2 threads (default 2)")
     parser.add_argument("--device", default="cpu", help="CTranslate2 device: cpu (default) or cuda")
     parser.add_argument("--compute-type", default="default",
@@ -49,6 +52,8 @@ def check_args(args):
                         ("--max-len-b", args.max_len_b), ("--threads", args.threads)):
         if value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
+    if args.max_len_a < 0:
+        raise ConfigError(f"--max-len-a must be at least 0, got {args.max_len_a}")
 
 
 def bpe_encoder(translator: AdaptiveTranslator):
@@ -90,7 +95,8 @@ def main(argv=None):
     for lines in chunks(sys.stdin, args.buffer_size):
         results = translator.translate([encode(line) for line in lines], beam=args.beam,
                                        exit_threshold=args.exit_threshold, fixed_exit=args.fixed_exit,
-                                       batch_size=args.batch_size, max_decoding_length=args.max_len_b)
+                                       batch_size=args.batch_size, max_len_a=args.max_len_a,
+                                       max_len_b=args.max_len_b)
         for result in results:
             print(output_line(index, result, args.remove_bpe))
             if args.print_exits:
