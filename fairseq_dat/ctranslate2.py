@@ -293,11 +293,9 @@ class AdaptiveTranslator:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         tokens = [as_tokens(s) for s in sentences]
-        order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))  # little padding per batch
         depths = [0] * len(tokens)
         with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                ids = order[start:start + batch_size]
+            for ids in length_sorted_batches(range(len(tokens)), tokens, batch_size):  # little padding per batch
                 states, mask = self.encode([tokens[i] for i in ids])
                 log_q = self.estimator.log_q(states, mask)  # B x N
                 for i, depth in zip(ids, (decide_by_cumulative(log_q, threshold) + 1).tolist()):
