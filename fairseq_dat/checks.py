@@ -61,7 +61,12 @@ def check_precision_flags(args):
         if importlib.util.find_spec("torch_xla") is None:
             flag = "--bf16" if bf16 else "--tpu"
             raise ConfigError(f"{flag} needs a TPU: fairseq's bf16 path runs through torch_xla, which is not "
-                              "installed; train in float32 on CPU (drop --bf16) or use --fp16 on a GPU")
+                              "installed; train with --autocast-bf16 on CPU or use --fp16 on a GPU")
+    if getattr(args, "autocast_bf16", False):
+        for name in ("fp16", "memory_efficient_fp16", "amp"):
+            if getattr(args, name, False):
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"--autocast-bf16 and {flag} both choose a precision: use one of them")
 
 
 def check_training_flags(args, model):

@@ -6,10 +6,13 @@ them with ``--task adaptive_translation`` and the hub interface takes them as ke
 (``AE=…``) is printed once, after fairseq's own BLEU line.
 """
 import atexit
+import contextlib
 import logging
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
+
+import torch
 
 from fairseq import utils
 from fairseq.tasks import register_task
@@ -62,6 +65,11 @@ class AdaptiveTranslationConfig(TranslationConfig):
                 "CPU), only the rows that have not "
                 "exited); fairseq = fairseq's own decoder layers and caches (full depth without exit flags: "
                 "fairseq's decoder unchanged)"})
+    autocast_bf16: bool = field(default=False, metadata={
+        "help": "training and validation forward passes under torch.autocast with bfloat16 on the model's device "
+                "(float32 weights, gradients and optimizer state; matrix products in bfloat16, no loss scaling). "
+                "On CPUs with AMX or AVX512-BF16 a 6+6 x 256 aligned training step is about 1.7x faster; "
+                "fairseq's own --bf16 casts the whole model and needs a TPU"})
 
 
 @register_task("adaptive_translation", dataclass=AdaptiveTranslationConfig)
@@ -104,6 +112,39 @@ class AdaptiveTranslationTask(TranslationTask):
         if not from_checkpoint:
             checks.check_training_flags(cfg, model)
         return model
+
+    # ---- --autocast-bf16 (mixed precision without fairseq's --bf16 / --amp) ----------------------
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        """fairseq's step, with the forward pass (criterion) under :meth:`autocast` and the backward
+        pass outside it, as torch.autocast prescribes."""
+        if not self.cfg.autocast_bf16:
+            return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        model.train()
+        model.set_num_updates(update_num)
+        with self.autocast(model):
+            loss, sample_size, logging_output = criterion(model, sample)
+        if ignore_grad:
+            loss *= 0
+        optimizer.backward(loss)
+        return loss, sample_size, logging_output
+
+    def valid_step(self, sample, model, criterion):
+        with self.autocast(model):
+            return super().valid_step(sample, model, criterion)
+
+    def autocast(self, model):
+        """``--autocast-bf16``: torch.autocast(bfloat16) on the model's device; on a CPU also the math
+        attention kernel (the fused CPU kernel's bfloat16 backward took 5x its float32 time here)."""
+        if not self.cfg.autocast_bf16:
+            return contextlib.nullcontext()
+        device = next(model.parameters()).device.type
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(device, dtype=torch.bfloat16))
+        if device == "cpu":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        return stack
 
     def filter_indices_by_size(self, indices, dataset, max_positions=None, ignore_invalid_inputs=False):
         try:
