@@ -18,6 +18,9 @@ For each decoding setting (batch size x beam size) the same batches (fairseq's
                       routed per batch, and ``… stream``: the setting's sentences routed in one call,
                       printed also against row 5 of the same type (``CT2 RESULT``: the fastest within
                       --bleu-tolerance of it).
+7. ``bf16 …``       with ``--autocast-bf16``: ours at full depth, each fixed exit and each estimator
+                      threshold decoded under torch.autocast(bfloat16) (CTranslate2 4.8 has no bfloat16
+                      compute type on a CPU).
 
 ``--rows ct2`` keeps row 1, row 5 and the CTranslate2 rows only, with every exit k = 1..N streamed
 (``ct2 TYPE exit k stream``) and the stream rows compared with the streamed full depth (k = N): the
@@ -34,7 +37,8 @@ Time per token also depends on output length (rows whose outputs are longer or s
 quite comparable); ``--fixed-length L`` forces every row to L tokens for a like-for-like timing.
 
 The last line printed is machine-readable (first setting, by default beam 5 x batch 64):
-``RESULT speedup=… ideal=… efficiency=… bleu_delta=… ae=… overhead=… ct2_f32=… ct2_int8=… eff_min=…``.
+``RESULT speedup=… ideal=… efficiency=… bleu_delta=… ae=… overhead=… ct2_f32=… ct2_int8=… eff_min=…``
+(+ ``bf16_full=… bf16_best=… bf16_bleu_delta=… bf16_ae=…`` with ``--autocast-bf16``).
 A markdown table and a PNG (BLEU against tokens/s) go to ``--out-dir``.
 """
 import argparse
@@ -66,8 +70,9 @@ from fairseq_dat.stock_exits import stock_args, truncated_stock_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT_DIR = os.path.join(os.path.dirname(REPO), "runs", "benchmarks")
-REMOVE_BPE = "subword_nmt"
-FIXED_TOO = ("fixed", "estimator", "confidence")  # fairseq-generate --remove-bpe (the default "@@ ")
+REMOVE_BPE = "subword_nmt"  # fairseq-generate --remove-bpe (the default "@@ ")
+FIXED_TOO = ("fixed", "estimator", "confidence")
+BF16_KINDS = ("bf16-ours", "bf16-fixed", "bf16-estimator")  # --autocast-bf16 rows
 
 
 # ---- command line ---------------------------------------------------------------------------------
@@ -111,6 +116,11 @@ def parse_args(argv=None):
                              "row decodes the same number of tokens: a clean time-per-token comparison (BLEU "
                              "is then meaningless)")
     parser.add_argument("--no-ct2", action="store_true", help="skip the CTranslate2 rows")
+    parser.add_argument("--autocast-bf16", action="store_true",
+                        help="also decode our rows under --autocast-bf16 (bfloat16 matrix products on the float32 "
+                             "weights): 'bf16 full', 'bf16 fixed=k' for each exit, 'bf16 estimator T' for each "
+                             "threshold; RESULT gains bf16_full, bf16_best (fastest within --bleu-tolerance of row 1), "
+                             "bf16_bleu_delta and bf16_ae")
     parser.add_argument("--rows", choices=("all", "ct2"), default="all",
                         help="ct2: only fairseq's full-depth row and the CTranslate2 rows, every exit also "
                              "streamed (``ct2 TYPE exit k stream``, k = N is the streamed full depth the "
@@ -500,7 +510,7 @@ def add_speedups(summaries: List[Summary], limit_tpt: Dict[int, float]):
     for s in summaries:
         s.speedup = s.tokens_per_s / base.tokens_per_s
         if s.kind in ("ours", "fixed", "fixed-eager", "estimator", "estimator-eager", "estimator-batch-order",
-                      "confidence") and limit_tpt:
+                      "confidence") + BF16_KINDS and limit_tpt:
             s.ideal = (1.0 / base.tokens_per_s) / interpolate(limit_tpt, s.ae)
             s.efficiency = s.speedup / s.ideal
             s.efficiency_cae = s.speedup * interpolate(limit_tpt, s.compute_ae) * base.tokens_per_s
@@ -558,11 +568,26 @@ def result_line(summaries: List[Summary], tolerance: float, kinds=("estimator", 
     efficiencies = [s.efficiency for s in summaries if s.kind == "estimator" and s.efficiency == s.efficiency]
     tail = (f"overhead={overhead:.4f} ct2_f32={engine['float32']:.4f} ct2_int8={engine['int8']:.4f} "
             f"eff_min={min(efficiencies) if efficiencies else float('nan'):.4f}")
+    tail += bf16_result_fields(summaries, tolerance)
     best = best_adaptive(summaries, tolerance, kinds)
     if best is None:
         return f"RESULT speedup=nan ideal=nan efficiency=nan bleu_delta=nan ae=nan {tail}"
     return (f"RESULT speedup={best.speedup:.4f} ideal={best.ideal:.4f} efficiency={best.efficiency:.4f} "
             f"bleu_delta={best.bleu - base.bleu:.4f} ae={best.ae:.4f} {tail}")
+
+
+def bf16_result_fields(summaries: List[Summary], tolerance: float) -> str:
+    """`` bf16_full=… bf16_best=… bf16_bleu_delta=… bf16_ae=…`` when the run has --autocast-bf16 rows: our
+    full depth in bfloat16, and the fastest bfloat16 row (full, fixed or estimator) within ``tolerance``
+    BLEU of row 1 (fairseq, float32)."""
+    full = next((s for s in summaries if s.kind == "bf16-ours"), None)
+    if full is None:
+        return ""
+    best = best_adaptive(summaries, tolerance, BF16_KINDS)
+    if best is None:
+        return f" bf16_full={full.speedup:.4f} bf16_best=nan bf16_bleu_delta=nan bf16_ae=nan"
+    return (f" bf16_full={full.speedup:.4f} bf16_best={best.speedup:.4f} "
+            f"bf16_bleu_delta={best.bleu - summaries[0].bleu:.4f} bf16_ae={best.ae:.4f}")
 
 
 def write_plot(per_setting: Dict[str, List[Summary]], path: str):
@@ -695,8 +720,21 @@ def build_rows(ctx: Context, search: Search, args, est_thresholds, conf_threshol
     rows += [AdaptiveRow(f"confidence T={t:g}", "confidence", ctx.model, tgt_dict, search,
                          flops_rule=exit_rule("confidence"), exit_strategy="confidence", exit_threshold=str(t))
              for t in conf_thresholds]
+    if getattr(args, "autocast_bf16", False):
+        rows += bf16_rows(ctx, search, fixed_exits, est_thresholds, rule)
     rows += ct2_full_depth_rows(ctx, search, args, sources)
     rows += ct2_adaptive_rows(ctx, search, args, est_thresholds, sources, fixed_exits)
+    return rows
+
+
+def bf16_rows(ctx: Context, search: Search, fixed_exits: List[int], est_thresholds, rule: str) -> List[Row]:
+    """Our generator under ``--autocast-bf16``: full depth, each fixed exit, each estimator threshold."""
+    tgt_dict, model = ctx.task.target_dictionary, ctx.model
+    rows: List[Row] = [AdaptiveRow("bf16 full", "bf16-ours", model, tgt_dict, search, autocast_bf16=True)]
+    rows += [AdaptiveRow(f"bf16 fixed={k}", "bf16-fixed", model, tgt_dict, search, fixed_exit=k, autocast_bf16=True)
+             for k in fixed_exits]
+    rows += [AdaptiveRow(f"bf16 estimator T={t:g}", "bf16-estimator", model, tgt_dict, search, flops_rule=rule,
+                         exit_strategy="estimator", exit_threshold=str(t), autocast_bf16=True) for t in est_thresholds]
     return rows
 
 

@@ -9,7 +9,10 @@ What changes, following ``SequenceGeneratorWithAlignment``'s pattern:
 - ``finalize_hypos`` attaches each finished hypothesis' per-token exits (``hypo["exits"]``, 1-based).
 
 One model only: exits are decided per model, so an ensemble (``--path a.pt:b.pt``) is refused.
+``autocast_bf16`` (``--autocast-bf16``) decodes each batch under ``torch.autocast(bfloat16)``: matrix
+products in bfloat16 on the float32 weights, log-probabilities and beam scores in float32.
 """
+import contextlib
 from typing import Dict, List, Optional
 
 import torch
@@ -53,11 +56,12 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
     def __init__(self, models, tgt_dict, exit_strategy: str = "auto", exit_threshold=None,
                  fixed_exit: Optional[int] = None, exit_gather_ratio: Optional[float] = None,
                  exit_kv: Optional[str] = None, decoder_step: Optional[str] = None,
-                 exit_sequence_order: Optional[str] = None, **kwargs):
+                 exit_sequence_order: Optional[str] = None, autocast_bf16: bool = False, **kwargs):
         if len(models) > 1:
             raise ConfigError(f"--path: ensembles are not supported by the exit-aware generator (got {len(models)} "
                               "models); decode with one checkpoint, or average them first")
         super().__init__(AdaptiveEnsembleModel(models), tgt_dict, **kwargs)
+        self.autocast_bf16 = bool(autocast_bf16)
         decoder = self.model.single_model.decoder
         self.num_exits = decoder.num_layers
         self.stats = ExitStats(self.num_exits)
@@ -79,14 +83,9 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
             decoder.exit_policy = self.policy
             decoder.beam_rows = self.beam_size  # fairseq's search keeps a sentence's beam rows together
             decoder.lean_capacity = steps
-        order = None
         try:
-            if getattr(self.policy, "sorts_sentences", False) and self.model.has_encoder():
-                order = self.sort_sentences_by_depth(sample["net_input"])
-                sample, prefix_tokens, constraints = (permute_sample(sample, order), select_rows(prefix_tokens, order),
-                                                      select_rows(constraints, order))
-            finalized = super()._generate(sample, prefix_tokens=prefix_tokens, constraints=constraints,
-                                          bos_token=bos_token)
+            with self.autocast():
+                finalized, order = self.decode_batch(sample, prefix_tokens, constraints, bos_token)
         finally:
             for decoder in decoders:
                 decoder.exit_policy = None
@@ -102,6 +101,24 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
             if hypos:
                 self.stats.add_hypothesis(hypos[0]["exits"])
         return finalized
+
+    def decode_batch(self, sample, prefix_tokens, constraints, bos_token):
+        """fairseq's beam search on the batch, deepest sentences first when the policy sorts them →
+        (hypotheses in the order decoded, that order or None)."""
+        order = None
+        if getattr(self.policy, "sorts_sentences", False) and self.model.has_encoder():
+            order = self.sort_sentences_by_depth(sample["net_input"])
+            sample, prefix_tokens, constraints = (permute_sample(sample, order), select_rows(prefix_tokens, order),
+                                                  select_rows(constraints, order))
+        finalized = super()._generate(sample, prefix_tokens=prefix_tokens, constraints=constraints,
+                                      bos_token=bos_token)
+        return finalized, order
+
+    def autocast(self):
+        if not self.autocast_bf16:
+            return contextlib.nullcontext()
+        device = next(self.model.single_model.parameters()).device.type
+        return torch.autocast(device, dtype=torch.bfloat16)
 
     def sort_sentences_by_depth(self, net_input) -> Tensor:
         """Sequence-level depths (paper §3.1): the encoder runs once here, the estimator decides every

@@ -49,3 +49,31 @@ def test_every_engine_gets_fairseqs_length_limit_per_batch(bench):
     fixed = bench.Search(5, 200, 20, 1.2)
     assert fixed.fairseq_kwargs() == {"beam_size": 5, "max_len_a": 0.0, "max_len_b": 20, "min_len": 20}
     assert fixed.ct2_kwargs(31) == {"beam_size": 5, "max_decoding_length": 20, "min_decoding_length": 20}
+
+
+def summary(bench, name, kind, tokens_per_s, bleu, ae=6.0):
+    return bench.Summary(name, kind, tokens_per_s, tokens_per_s / 10, bleu, ae, ae, 1.0, 11.0)
+
+
+def test_result_line_reports_the_bf16_rows_against_fairseq(bench):
+    """--autocast-bf16: bf16_full is our bfloat16 full depth; bf16_best the fastest bfloat16 row within the BLEU
+    tolerance of row 1 (a faster row that loses more is not it); the float32 fields do not change."""
+    rows = [summary(bench, "fairseq full", "fairseq", 1000, 30.0),
+            summary(bench, "ours (no flags)", "ours", 1100, 30.0),
+            summary(bench, "estimator T=0.5", "estimator", 1500, 29.8, ae=3.0),
+            summary(bench, "bf16 full", "bf16-ours", 1600, 29.9),
+            summary(bench, "bf16 fixed=3", "bf16-fixed", 2400, 29.75, ae=3.0),
+            summary(bench, "bf16 fixed=1", "bf16-fixed", 4000, 27.0, ae=1.0)]
+    bench.add_speedups(rows, {6: 1 / 1000, 3: 1 / 1800, 1: 1 / 3000})
+    fields = dict(f.split("=") for f in bench.result_line(rows, 0.3).split()[1:])
+    assert float(fields["speedup"]) == pytest.approx(1.5) and float(fields["overhead"]) == pytest.approx(1000 / 1100, abs=1e-4)
+    assert float(fields["bf16_full"]) == pytest.approx(1.6)
+    assert float(fields["bf16_best"]) == pytest.approx(2.4) and float(fields["bf16_ae"]) == pytest.approx(3.0)
+    assert float(fields["bf16_bleu_delta"]) == pytest.approx(-0.25)
+    without = dict(f.split("=") for f in bench.result_line(rows[:3], 0.3).split()[1:])
+    assert "bf16_full" not in without and without["speedup"] == fields["speedup"]
+
+
+def test_autocast_bf16_flag_adds_the_bf16_rows(bench):
+    assert bench.parse_args(["DATA", "--path", "ckpt.pt", "--autocast-bf16"]).autocast_bf16
+    assert not bench.parse_args(["DATA", "--path", "ckpt.pt"]).autocast_bf16

@@ -2,6 +2,7 @@
 rule, real per-row skipping, AE accounting, bad generation flags."""
 import pytest
 import torch
+import torch.nn.functional as F
 from fairseq.sequence_generator import SequenceGenerator
 
 from fairseq_dat.errors import ConfigError
@@ -645,3 +646,37 @@ def test_bad_sequence_order_names_its_flag(sequence_model_and_dict):
     model, d = sequence_model_and_dict
     with pytest.raises(ConfigError, match="--exit-sequence-order"):
         AdaptiveSequenceGenerator([model], d, exit_threshold="0.5", exit_sequence_order="sorted")
+
+
+@pytest.mark.parametrize("exit_kwargs", [{}, {"fixed_exit": 2}, {"exit_strategy": "uniform", "exit_threshold": None},
+                                         {"exit_threshold": "0.5"}])
+def test_autocast_bf16_decodes_with_bf16_products_and_float32_scores(model_and_dict, exit_kwargs):
+    """``--autocast-bf16``: every Linear of the step runs in bfloat16 (the lean step's fused q/k/v too), the beam
+    search's scores stay float32, and the hypotheses are float32's up to bfloat16's rounding: the same tokens
+    for most sentences, and where equal, scores within 0.05 nats."""
+    model, d = model_and_dict
+    sample = make_sample(d, bsz=8, seed=2)
+    seen = set()
+    hooks = [m.register_forward_hook(lambda mod, i, out: seen.add(out.dtype))
+             for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    qkv = []
+    lean_linear = F.linear
+    try:
+        F.linear = lambda x, w, b=None: qkv.append(w.dtype) or lean_linear(x, w, b)
+        runs = []
+        for bf16 in (False, True):
+            torch.manual_seed(0)  # the uniform exits' draws
+            runs.append(AdaptiveSequenceGenerator([model], d, beam_size=3, max_len_b=10, autocast_bf16=bf16,
+                                                  **exit_kwargs).generate([model], sample))
+    finally:
+        F.linear = lean_linear
+        for h in hooks:
+            h.remove()
+    assert seen == {torch.float32, torch.bfloat16} and torch.bfloat16 in qkv
+    same = 0
+    for ref, ours in zip(*runs):
+        assert ours[0]["score"].dtype == torch.float32 and ours[0]["positional_scores"].dtype == torch.float32
+        if torch.equal(ref[0]["tokens"], ours[0]["tokens"]):
+            same += 1
+            assert abs(float(ref[0]["score"]) - float(ours[0]["score"])) < 0.05
+    assert same >= 6, same

@@ -146,3 +146,13 @@ def test_fairseq_train_with_autocast_bf16_trains_and_saves_float32_weights(corpu
     assert max(log) == 8 and all(math.isfinite(r["loss"]) for r in log.values())
     state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert all(t.dtype == torch.float32 for t in state["model"].values() if t.is_floating_point())
+
+
+def test_fairseq_generate_with_autocast_bf16_prints_bleu_and_ae(corpus, adaptive_checkpoint):
+    common = (corpus, "--user-dir", "fairseq_dat", "--task", "adaptive_translation", "--path", adaptive_checkpoint,
+              "--beam", "5", "--batch-size", "8", "--exit-threshold", "0.5", "--cpu")
+    fp32 = check_ok(run_tool("fairseq-generate", *common)).stdout
+    bf16 = check_ok(run_tool("fairseq-generate", *common, "--autocast-bf16")).stdout
+    assert re.search(r"^Adaptive exits \(N=\d\): AE=", bf16, re.M), bf16[-1500:]
+    assert abs(bleu(bf16) - bleu(fp32)) <= 5.0  # a 3-update model: near-ties flip under bf16's rounding
+    assert bf16.count("\nH-") == fp32.count("\nH-") > 0

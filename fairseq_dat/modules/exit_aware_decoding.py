@@ -95,7 +95,7 @@ class ExitAwareDecoding:
                                                 reach)
             self.record_step_exits(incremental_state, depth)
             policy.count(depth)
-            return out.unsqueeze(1), {"attn": [None], "inner_states": None, "exits": depth}
+            return self.in_weight_dtype(out).unsqueeze(1), {"attn": [None], "inner_states": None, "exits": depth}
         step_exits = torch.full((bsz,), n_layers, dtype=torch.long, device=x.device)
         active = torch.arange(bsz, device=x.device)
         ready_logits: Dict[int, Tensor] = {}
@@ -129,7 +129,13 @@ class ExitAwareDecoding:
         else:  # full depth: every row through C_N, no exit history to keep (the generator's default)
             out = self.exit_logits(x[0], n_layers)
         policy.count(step_exits)
-        return out.unsqueeze(1), {"attn": [attn], "inner_states": None, "exits": step_exits}
+        return self.in_weight_dtype(out).unsqueeze(1), {"attn": [attn], "inner_states": None, "exits": step_exits}
+
+    def in_weight_dtype(self, logits: Tensor) -> Tensor:
+        """Under autocast the exits' logits come out in bfloat16; fairseq's log_softmax then upcasts
+        inside its kernel, about twice as slow on a CPU as one copy to float32 and the float32 kernel."""
+        dtype = self.layers[0].fc1.weight.dtype
+        return logits if logits.dtype == dtype else logits.to(dtype)
 
     # ---- fairseq's layer path ------------------------------------------------------------------
 
@@ -495,6 +501,11 @@ class LeanBlockCache:
         self.w_qkv = torch.cat([p.weight for p in projections])  # 3C x C
         self.b_qkv = (torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.weight.size(0))
                                  for p in projections]) if any(p.bias is not None for p in projections) else None)
+        device = self.w_qkv.device.type
+        if torch.is_autocast_enabled(device):  # cast once per batch, not at every call as autocast would
+            dtype = torch.get_autocast_dtype(device)
+            self.w_qkv = self.w_qkv.to(dtype)
+            self.b_qkv = self.b_qkv.to(dtype) if self.b_qkv is not None else None
         self.k: Optional[Tensor] = None  # capacity x B x H x d
         self.v: Optional[Tensor] = None
         self.spare: Optional[tuple] = None  # buffers of k/v's shape that the next reorder writes into

@@ -66,10 +66,11 @@ class AdaptiveTranslationConfig(TranslationConfig):
                 "exited); fairseq = fairseq's own decoder layers and caches (full depth without exit flags: "
                 "fairseq's decoder unchanged)"})
     autocast_bf16: bool = field(default=False, metadata={
-        "help": "training and validation forward passes under torch.autocast with bfloat16 on the model's device "
-                "(float32 weights, gradients and optimizer state; matrix products in bfloat16, no loss scaling). "
-                "On CPUs with AMX or AVX512-BF16 a 6+6 x 256 aligned training step is about 1.7x faster; "
-                "fairseq's own --bf16 casts the whole model and needs a TPU"})
+        "help": "forward passes (training, validation, generation) under torch.autocast with bfloat16 on the "
+                "model's device: float32 weights, gradients and optimizer state, matrix products in bfloat16, "
+                "log-probabilities and beam scores in float32, no loss scaling. On CPUs with AMX or "
+                "AVX512-BF16 a 6+6 x 256 aligned training step is about 1.7x faster; fairseq's own --bf16 "
+                "casts the whole model and needs a TPU"})
 
 
 @register_task("adaptive_translation", dataclass=AdaptiveTranslationConfig)
@@ -194,7 +195,7 @@ class AdaptiveTranslationTask(TranslationTask):
                 "exit_threshold": str(threshold) if threshold is not None else None,
                 "fixed_exit": pick("fixed_exit"), "exit_gather_ratio": pick("exit_gather_ratio"),
                 "exit_kv": pick("exit_kv"), "decoder_step": pick("decoder_step"),
-                "exit_sequence_order": pick("exit_sequence_order")}
+                "exit_sequence_order": pick("exit_sequence_order"), "autocast_bf16": bool(pick("autocast_bf16"))}
 
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
         hypos = super().inference_step(generator, models, sample, prefix_tokens=prefix_tokens,
