@@ -8,6 +8,8 @@ batches under each criterion:
 - ``single exit``   fairseq's ``label_smoothed_cross_entropy`` on the same model (last exit only);
 - ``aligned``       ``adaptive_label_smoothed_cross_entropy``, all N exits from one forward (§2.2);
 - ``mixed M=…``     the same criterion with ``--exit-training mixed --mixed-samples M``;
+- ``aligned, --autocast-bf16`` (with ``--autocast-bf16``) the aligned step's forward pass under the task's
+  bfloat16 autocast (RESULT ``bf16_ratio`` = aligned time / this row's time);
 - ``aligned, stacked heads`` (experiment, not in the package) all exits' logits from one
   ``torch.bmm`` and one loss call;
 - ``aligned, fused linear+CE`` (experiment) each exit's projection and label-smoothed loss in one
@@ -38,11 +40,13 @@ from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEn
 from fairseq_dat.cli import quiet_root_logger
 from fairseq_dat.criterions.adaptive_label_smoothed_cross_entropy import AdaptiveLabelSmoothedCrossEntropyCriterion
 from fairseq_dat.modules.fused_exit_loss import fused_exit_loss
+from fairseq_dat.precision import bf16_autocast
 
 DEFAULT_ARCH = "adaptive_transformer_iwslt_de_en"
 # the reduced reproduction's shape: 6+6 blocks, width 256 (encoder and decoder), FFN 1024, 4 heads
 DEFAULT_ARCH_ARGS = "--encoder-embed-dim 256 --encoder-ffn-embed-dim 1024"
 LABEL_SMOOTHING = 0.1
+BF16_ROW = "aligned, --autocast-bf16"
 
 
 def parse_args(argv=None):
@@ -61,6 +65,9 @@ def parse_args(argv=None):
                         help="skip the fused-CE and stacked-heads experiment rows")
     parser.add_argument("--no-optimizer", action="store_true",
                         help="time forward+backward only (default: forward+backward+Adam step)")
+    parser.add_argument("--autocast-bf16", action="store_true",
+                        help="add the row 'aligned, --autocast-bf16' (the aligned criterion under the task's bfloat16 "
+                             "autocast, as fairseq-train --autocast-bf16 runs it) and bf16_ratio on RESULT")
     parser.add_argument("--profile", action="store_true",
                         help="after timing, profile aligned and single-exit steps with torch.profiler")
     return parser.parse_args(argv)
@@ -176,6 +183,18 @@ class CrossEntropyAligned(AdaptiveLabelSmoothedCrossEntropyCriterion):
         return loss, nll_loss, {}
 
 
+class Autocast:
+    """A criterion called under ``--autocast-bf16`` (fairseq_dat.precision), as the task's train_step calls it:
+    the forward pass in the context, the backward pass (``train_steps``) outside it."""
+
+    def __init__(self, criterion):
+        self.criterion = criterion
+
+    def __call__(self, model, sample):
+        with bf16_autocast(model):
+            return self.criterion(model, sample)
+
+
 @dataclass
 class TimedCriterion:
     """A row of the table: its criterion, whether it computes the aligned loss another way (checked
@@ -187,7 +206,7 @@ class TimedCriterion:
     mixed_samples: Optional[int] = None
 
 
-def criteria(task, mixed_samples: List[int], experiments: bool) -> List[TimedCriterion]:
+def criteria(task, mixed_samples: List[int], experiments: bool, autocast: bool = False) -> List[TimedCriterion]:
     out = [TimedCriterion("single exit", LabelSmoothedCrossEntropyCriterion(task, False, LABEL_SMOOTHING)),
            TimedCriterion("aligned", AdaptiveLabelSmoothedCrossEntropyCriterion(task, False, LABEL_SMOOTHING)),
            TimedCriterion("aligned, --exit-loss-impl autograd", AdaptiveLabelSmoothedCrossEntropyCriterion(
@@ -198,6 +217,9 @@ def criteria(task, mixed_samples: List[int], experiments: bool) -> List[TimedCri
     if experiments:
         out += [TimedCriterion("aligned, stacked heads", StackedHeadsAligned(task, False, LABEL_SMOOTHING), True),
                 TimedCriterion("aligned, F.cross_entropy", CrossEntropyAligned(task, False, LABEL_SMOOTHING), True)]
+    if autocast:
+        out.append(TimedCriterion(BF16_ROW, Autocast(AdaptiveLabelSmoothedCrossEntropyCriterion(
+            task, False, LABEL_SMOOTHING))))
     return out
 
 
@@ -388,7 +410,8 @@ def main(argv=None):
           f"{args.repeats} interleaved passes; step = forward+backward"
           + ("" if args.no_optimizer else "+Adam step"))
 
-    timed = criteria(task, [int(m) for m in args.mixed_samples.split(",") if m.strip()], not args.no_experiments)
+    timed = criteria(task, [int(m) for m in args.mixed_samples.split(",") if m.strip()], not args.no_experiments,
+                     args.autocast_bf16)
     crits = {t.name: t.criterion for t in timed}
     experiments = {t.name: t.criterion for t in timed if t.aligned_variant}
     if experiments:
@@ -431,8 +454,9 @@ def main(argv=None):
             print(f"\n## torch.profiler, {name}")
             profile_step(model, crits[name], batches, optimizer, vocab)
     ratio = medians["aligned"] / base
+    bf16 = f" bf16_ratio={medians['aligned'] / medians[BF16_ROW]:.4f}" if BF16_ROW in medians else ""
     print(f"\nRESULT aligned_ratio={ratio:.4f} " + " ".join(
-        f"mixed_M{t.mixed_samples}_ratio={medians[t.name] / base:.4f}" for t in timed if t.mixed_samples))
+        f"mixed_M{t.mixed_samples}_ratio={medians[t.name] / base:.4f}" for t in timed if t.mixed_samples) + bf16)
 
 
 if __name__ == "__main__":

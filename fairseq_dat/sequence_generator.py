@@ -12,7 +12,6 @@ One model only: exits are decided per model, so an ensemble (``--path a.pt:b.pt`
 ``autocast_bf16`` (``--autocast-bf16``) decodes each batch under ``torch.autocast(bfloat16)``: matrix
 products in bfloat16 on the float32 weights, log-probabilities and beam scores in float32.
 """
-import contextlib
 from typing import Dict, List, Optional
 
 import torch
@@ -21,6 +20,7 @@ from fairseq.sequence_generator import EnsembleModel, SequenceGenerator
 
 from .errors import ConfigError
 from .exit_policy import ExitStats, build_exit_policy
+from .precision import bf16_autocast
 
 
 class AdaptiveEnsembleModel(EnsembleModel):
@@ -84,7 +84,7 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
             decoder.beam_rows = self.beam_size  # fairseq's search keeps a sentence's beam rows together
             decoder.lean_capacity = steps
         try:
-            with self.autocast():
+            with bf16_autocast(self.model.single_model, self.autocast_bf16):
                 finalized, order = self.decode_batch(sample, prefix_tokens, constraints, bos_token)
         finally:
             for decoder in decoders:
@@ -113,12 +113,6 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
         finalized = super()._generate(sample, prefix_tokens=prefix_tokens, constraints=constraints,
                                       bos_token=bos_token)
         return finalized, order
-
-    def autocast(self):
-        if not self.autocast_bf16:
-            return contextlib.nullcontext()
-        device = next(self.model.single_model.parameters()).device.type
-        return torch.autocast(device, dtype=torch.bfloat16)
 
     def sort_sentences_by_depth(self, net_input) -> Tensor:
         """Sequence-level depths (paper §3.1): the encoder runs once here, the estimator decides every

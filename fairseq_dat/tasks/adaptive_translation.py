@@ -6,7 +6,6 @@ them with ``--task adaptive_translation`` and the hub interface takes them as ke
 (``AE=…``) is printed once, after fairseq's own BLEU line.
 """
 import atexit
-import contextlib
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from .. import checks
 from ..exit_policy import STRATEGIES
 from ..exit_summary import ExitSummary
+from ..precision import bf16_autocast
 from ..sequence_generator import AdaptiveSequenceGenerator
 
 logger = logging.getLogger(__name__)
@@ -135,17 +135,7 @@ class AdaptiveTranslationTask(TranslationTask):
             return super().valid_step(sample, model, criterion)
 
     def autocast(self, model):
-        """``--autocast-bf16``: torch.autocast(bfloat16) on the model's device; on a CPU also the math
-        attention kernel (the fused CPU kernel's bfloat16 backward took 5x its float32 time here)."""
-        if not self.cfg.autocast_bf16:
-            return contextlib.nullcontext()
-        device = next(model.parameters()).device.type
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.autocast(device, dtype=torch.bfloat16))
-        if device == "cpu":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-        return stack
+        return bf16_autocast(model, self.cfg.autocast_bf16)
 
     def filter_indices_by_size(self, indices, dataset, max_positions=None, ignore_invalid_inputs=False):
         try:
