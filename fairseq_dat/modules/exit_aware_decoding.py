@@ -95,7 +95,7 @@ class ExitAwareDecoding:
                                                 reach)
             self.record_step_exits(incremental_state, depth)
             policy.count(depth)
-            return self.in_weight_dtype(out).unsqueeze(1), {"attn": [None], "inner_states": None, "exits": depth}
+            return out.unsqueeze(1), {"attn": [None], "inner_states": None, "exits": depth}
         step_exits = torch.full((bsz,), n_layers, dtype=torch.long, device=x.device)
         active = torch.arange(bsz, device=x.device)
         ready_logits: Dict[int, Tensor] = {}
@@ -129,13 +129,7 @@ class ExitAwareDecoding:
         else:  # full depth: every row through C_N, no exit history to keep (the generator's default)
             out = self.exit_logits(x[0], n_layers)
         policy.count(step_exits)
-        return self.in_weight_dtype(out).unsqueeze(1), {"attn": [attn], "inner_states": None, "exits": step_exits}
-
-    def in_weight_dtype(self, logits: Tensor) -> Tensor:
-        """Under autocast the exits' logits come out in bfloat16; fairseq's log_softmax then upcasts
-        inside its kernel, about twice as slow on a CPU as one copy to float32 and the float32 kernel."""
-        dtype = self.layers[0].fc1.weight.dtype
-        return logits if logits.dtype == dtype else logits.to(dtype)
+        return out.unsqueeze(1), {"attn": [attn], "inner_states": None, "exits": step_exits}
 
     # ---- fairseq's layer path ------------------------------------------------------------------
 
