@@ -40,7 +40,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEn
 from fairseq_dat.cli import quiet_root_logger
 from fairseq_dat.criterions.adaptive_label_smoothed_cross_entropy import AdaptiveLabelSmoothedCrossEntropyCriterion
 from fairseq_dat.modules.fused_exit_loss import fused_exit_loss
-from fairseq_dat.precision import bf16_autocast
+from fairseq_dat.precision import under_bf16_autocast
 
 DEFAULT_ARCH = "adaptive_transformer_iwslt_de_en"
 # the reduced reproduction's shape: 6+6 blocks, width 256 (encoder and decoder), FFN 1024, 4 heads
@@ -183,18 +183,6 @@ class CrossEntropyAligned(AdaptiveLabelSmoothedCrossEntropyCriterion):
         return loss, nll_loss, {}
 
 
-class Autocast:
-    """A criterion called under ``--autocast-bf16`` (fairseq_dat.precision), as the task's train_step calls it:
-    the forward pass in the context, the backward pass (``train_steps``) outside it."""
-
-    def __init__(self, criterion):
-        self.criterion = criterion
-
-    def __call__(self, model, sample):
-        with bf16_autocast(model):
-            return self.criterion(model, sample)
-
-
 @dataclass
 class TimedCriterion:
     """A row of the table: its criterion, whether it computes the aligned loss another way (checked
@@ -218,7 +206,7 @@ def criteria(task, mixed_samples: List[int], experiments: bool, autocast: bool =
         out += [TimedCriterion("aligned, stacked heads", StackedHeadsAligned(task, False, LABEL_SMOOTHING), True),
                 TimedCriterion("aligned, F.cross_entropy", CrossEntropyAligned(task, False, LABEL_SMOOTHING), True)]
     if autocast:
-        out.append(TimedCriterion(BF16_ROW, Autocast(AdaptiveLabelSmoothedCrossEntropyCriterion(
+        out.append(TimedCriterion(BF16_ROW, under_bf16_autocast(AdaptiveLabelSmoothedCrossEntropyCriterion(
             task, False, LABEL_SMOOTHING))))
     return out
 

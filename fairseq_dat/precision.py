@@ -5,7 +5,7 @@ whole model, ``--fp16`` / ``--amp`` need CUDA. Under ``torch.autocast(bfloat16)`
 in bfloat16 on the float32 weights (AMX / AVX512-BF16 on recent x86 CPUs, tensor cores on GPUs), while
 weights, gradients, optimizer state, softmax/log-softmax and the beam search's scores stay float32, and
 bfloat16's float32 exponent range needs no loss scaling. Used by the task's training and validation
-steps and by the exit-aware generator.
+steps (through fairseq's own ``train_step``/``valid_step``) and by the exit-aware generator.
 """
 import contextlib
 
@@ -26,3 +26,13 @@ def bf16_autocast(model: torch.nn.Module, enabled: bool = True):
         from torch.nn.attention import SDPBackend, sdpa_kernel
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
     return stack
+
+
+def under_bf16_autocast(criterion):
+    """``criterion`` (called as fairseq calls it: ``criterion(model, sample)``) with its forward pass under
+    :func:`bf16_autocast`; whoever calls it runs the backward pass afterwards, outside the context, as
+    torch.autocast prescribes (fairseq's ``FairseqTask.train_step``)."""
+    def forward(model, sample):
+        with bf16_autocast(model):
+            return criterion(model, sample)
+    return forward

@@ -18,7 +18,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from .. import checks
 from ..exit_policy import STRATEGIES
 from ..exit_summary import ExitSummary
-from ..precision import bf16_autocast
+from ..precision import under_bf16_autocast
 from ..sequence_generator import AdaptiveSequenceGenerator
 
 logger = logging.getLogger(__name__)
@@ -115,26 +115,15 @@ class AdaptiveTranslationTask(TranslationTask):
     # ---- --autocast-bf16 (mixed precision without fairseq's --bf16 / --amp) ----------------------
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        """fairseq's step, with the forward pass (criterion) under :meth:`autocast` and the backward
-        pass outside it, as torch.autocast prescribes."""
-        if not getattr(self.cfg, "autocast_bf16", False):
-            return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
-        model.train()
-        model.set_num_updates(update_num)
-        with self.autocast(model):
-            loss, sample_size, logging_output = criterion(model, sample)
-        if ignore_grad:
-            loss *= 0
-        optimizer.backward(loss)
-        return loss, sample_size, logging_output
+        return super().train_step(sample, model, self.with_precision(criterion), optimizer, update_num, ignore_grad)
 
     def valid_step(self, sample, model, criterion):
-        with self.autocast(model):
-            return super().valid_step(sample, model, criterion)
+        return super().valid_step(sample, model, self.with_precision(criterion))
 
-    def autocast(self, model):
-        # getattr: a task config saved in a checkpoint from before the flag has no such field
-        return bf16_autocast(model, getattr(self.cfg, "autocast_bf16", False))
+    def with_precision(self, criterion):
+        """The criterion as fairseq's steps call it, its forward pass under bf16 autocast with the flag
+        (getattr: a task config saved in a checkpoint from before the flag has no such field)."""
+        return under_bf16_autocast(criterion) if getattr(self.cfg, "autocast_bf16", False) else criterion
 
     def filter_indices_by_size(self, indices, dataset, max_positions=None, ignore_invalid_inputs=False):
         try:
