@@ -20,6 +20,7 @@ from fairseq.sequence_generator import EnsembleModel, SequenceGenerator
 
 from .errors import ConfigError
 from .exit_policy import ExitStats, build_exit_policy
+from .modules.exit_aware_decoding import LeanBufferPool
 from .precision import bf16_autocast
 
 
@@ -62,6 +63,7 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
                               "models); decode with one checkpoint, or average them first")
         super().__init__(AdaptiveEnsembleModel(models), tgt_dict, **kwargs)
         self.autocast_bf16 = bool(autocast_bf16)
+        self.lean_pool = LeanBufferPool()  # the lean step's key/value buffers, reused batch after batch
         decoder = self.model.single_model.decoder
         self.num_exits = decoder.num_layers
         self.stats = ExitStats(self.num_exits)
@@ -83,6 +85,7 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
             decoder.exit_policy = self.policy
             decoder.beam_rows = self.beam_size  # fairseq's search keeps a sentence's beam rows together
             decoder.lean_capacity = steps
+            decoder.lean_pool = self.lean_pool
         try:
             with bf16_autocast(self.model.single_model, self.autocast_bf16):
                 finalized, order = self.decode_batch(sample, prefix_tokens, constraints, bos_token)
@@ -91,7 +94,9 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
                 decoder.exit_policy = None
                 decoder.beam_rows = 1
                 decoder.lean_capacity = None
+                decoder.lean_pool = None
             self.model.incremental_states = None
+            self.lean_pool.reclaim()  # the batch's caches are gone with its incremental states
             self.model.next_encoder_outs = None
             if hasattr(self.policy, "sorted_depths"):
                 self.policy.sorted_depths = None

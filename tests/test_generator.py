@@ -133,7 +133,7 @@ def test_lean_caches_grow_past_their_initial_capacity(model_and_dict, monkeypatc
         full, _ = model.decoder(prev, encoder_out=enc)
         for t in range(prev.size(1)):
             steps.append(incremental_step(model.decoder, prev[:, : t + 1], enc, state, exits, kv_mode="eager")[0])
-    assert model.decoder.lean_caches(state)[0].k.size(0) == 8  # time-major: capacity first
+    assert model.decoder.lean_caches(state)[0].k.size(2) == 8  # B x H x capacity x d
     real = prev.ne(d.pad())
     torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-4, atol=1e-5)
     # beam search: the generator's size hint (2 positions here) is outgrown, buffers double and are reordered
@@ -142,6 +142,33 @@ def test_lean_caches_grow_past_their_initial_capacity(model_and_dict, monkeypatc
     ref = SequenceGenerator([model], d, beam_size=3, max_len_b=12, min_len=9).generate([model], sample)
     ours = AdaptiveSequenceGenerator([model], d, beam_size=3, max_len_b=12, min_len=9).generate([model], sample)
     assert_same_hypotheses(ref, ours, bitwise=False)
+
+
+def test_generator_recycles_lean_buffers_across_batches(model_and_dict):
+    """The lean step's key/value buffers go back to the generator's pool after each batch and serve the
+    next one (no fresh multi-megabyte allocation per block and batch on a CPU): the same batch decoded
+    again allocates nothing new, and buffers still holding another batch's values change no hypothesis
+    (full depth, and uniform exits with their row-subset and deferred paths)."""
+    model, d = model_and_dict
+    first, second = make_sample(d, bsz=6, seed=0), make_sample(d, bsz=5, src_len=9, seed=3)
+    for kwargs in ({}, {"exit_strategy": "uniform"}):
+        def fresh(sample):  # its own pool: nothing recycled
+            torch.manual_seed(0)
+            return AdaptiveSequenceGenerator([model], d, beam_size=3, max_len_b=12, **kwargs).generate([model], sample)
+        ref_first, ref_second = fresh(first), fresh(second)
+        gen = AdaptiveSequenceGenerator([model], d, beam_size=3, max_len_b=12, **kwargs)
+        torch.manual_seed(0)
+        gen.generate([model], first)
+        pool = gen.lean_pool
+        assert not pool.lent and pool.free  # every buffer of the batch came back
+        buffers = {t.data_ptr() for t in pool.free}
+        torch.manual_seed(0)
+        assert_same_hypotheses(ref_first, gen.generate([model], first))
+        assert {t.data_ptr() for t in pool.free} == buffers  # the same batch again: no new buffer
+        torch.manual_seed(0)
+        assert_same_hypotheses(ref_second, gen.generate([model], second))
+        torch.manual_seed(0)
+        assert_same_hypotheses(ref_first, gen.generate([model], first))
 
 
 def test_padded_target_positions_are_masked_on_both_steps(model_and_dict):
