@@ -287,12 +287,12 @@ def test_beam_reordering_carries_the_exit_history(model_and_dict, step):
 
 
 class RowCounter:
-    """Records how many rows each call of each decoder block computes (its feed-forward input), on
-    either block step."""
+    """Records how many rows each call of each decoder block computes (its final layer norm's input,
+    a module call on either block step; the lean step calls the linear layers' weights directly)."""
 
     def __init__(self, decoder):
         self.rows = [[] for _ in decoder.layers]
-        self.handles = [layer.fc1.register_forward_pre_hook(self.hook(i)) for i, layer in enumerate(decoder.layers)]
+        self.handles = [layer.final_layer_norm.register_forward_pre_hook(self.hook(i)) for i, layer in enumerate(decoder.layers)]
 
     def hook(self, index):
         def record(module, inputs):

@@ -543,10 +543,13 @@ class LeanBlockCache:
                                  for p in projections]) if any(p.bias is not None for p in projections) else None)
         device = self.w_qkv.device.type
         self.cache_dtype: Optional[torch.dtype] = None  # None: the projections' dtype
-        if torch.is_autocast_enabled(device):  # cast once per batch, not at every call as autocast would
-            dtype = torch.get_autocast_dtype(device)
+        self.linears = {name: (m.weight, m.bias) for name, m in block_linears(layer).items()}
+        if torch.is_autocast_enabled(device):  # cast once per batch, not at every call as autocast does
+            dtype = torch.get_autocast_dtype(device)  # (its cast cache is off under no_grad)
             self.w_qkv = self.w_qkv.to(dtype)
             self.b_qkv = self.b_qkv.to(dtype) if self.b_qkv is not None else None
+            self.linears = {name: (w.to(dtype), b.to(dtype) if b is not None else None)
+                            for name, (w, b) in self.linears.items()}
             self.cache_dtype = torch.float32
         self.k: Optional[Tensor] = None  # B x H x capacity x d
         self.v: Optional[Tensor] = None
@@ -559,6 +562,11 @@ class LeanBlockCache:
         self.rows_per_source = 1
 
     # ---- self-attention keys/values
+
+    def linear(self, name: str, x: Tensor) -> Tensor:
+        """The block's linear layer ``name`` (:func:`block_linears`) on the weights of this batch."""
+        weight, bias = self.linears[name]
+        return F.linear(x, weight, bias)
 
     def kv_projection(self, h: Tensor):
         """The key/value rows of the fused projection: (..., C) → keys, values (..., C) each."""
@@ -742,6 +750,14 @@ def few_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor])
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
+def block_linears(layer) -> Dict[str, torch.nn.Linear]:
+    """The linear layers of a decoder block that the lean step calls once per step (q/k/v: fused)."""
+    linears = {"self_out": layer.self_attn.out_proj, "fc1": layer.fc1, "fc2": layer.fc2}
+    if layer.encoder_attn is not None:
+        linears.update(cross_q=layer.encoder_attn.q_proj, cross_out=layer.encoder_attn.out_proj)
+    return linears
+
+
 def lean_block(layer, cache: LeanBlockCache, x: Tensor, rows: Optional[Tensor], pad: Optional[Tensor]) -> Tensor:
     """One decoder block for one target position on the layer's own weights, mirroring
     ``TransformerDecoderLayerBase.forward`` in inference (post-norm or pre-norm).
@@ -749,7 +765,7 @@ def lean_block(layer, cache: LeanBlockCache, x: Tensor, rows: Optional[Tensor], 
     x: B x C block inputs; rows: the rows that run the block (None: all) → B x C, the block output
     for those rows and x (the copy rule) for the others. The new keys/values of every row are
     appended to the cache (for exited rows, computed from their copied state)."""
-    attn, pre, c = layer.self_attn, layer.normalize_before, x.size(-1)
+    pre, c = layer.normalize_before, x.size(-1)
     h = layer.self_attn_layer_norm(x) if pre else x
     if rows is None:
         q, k, v = F.linear(h, cache.w_qkv, cache.b_qkv).split(c, dim=-1)
@@ -759,20 +775,20 @@ def lean_block(layer, cache: LeanBlockCache, x: Tensor, rows: Optional[Tensor], 
         q = F.linear(h.index_select(0, rows), cache.w_qkv[:c], cache.b_qkv[:c] if cache.b_qkv is not None else None)
         residual = x.index_select(0, rows)
     cache.append(k.unsqueeze(1), v.unsqueeze(1), pad)
-    y = residual + attn.out_proj(cache.attend(q, rows))
+    y = residual + cache.linear("self_out", cache.attend(q, rows))
     if not pre:
         y = layer.self_attn_layer_norm(y)
     if layer.encoder_attn is not None and cache.src_k is not None:
         cross = layer.encoder_attn
         residual = y
         h = layer.encoder_attn_layer_norm(y) if pre else y
-        q = split_heads(cross.q_proj(h).unsqueeze(1), cross.num_heads)
-        y = residual + cross.out_proj(merge_heads(cache.attend_source(q, rows)))
+        q = split_heads(cache.linear("cross_q", h).unsqueeze(1), cross.num_heads)
+        y = residual + cache.linear("cross_out", merge_heads(cache.attend_source(q, rows)))
         if not pre:
             y = layer.encoder_attn_layer_norm(y)
     residual = y
     h = layer.final_layer_norm(y) if pre else y
-    y = residual + layer.fc2(layer.activation_fn(layer.fc1(h)))
+    y = residual + cache.linear("fc2", layer.activation_fn(cache.linear("fc1", h)))
     if not pre:
         y = layer.final_layer_norm(y)
     return y if rows is None else x.index_copy(0, rows, y)
