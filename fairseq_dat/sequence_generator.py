@@ -63,7 +63,6 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
                               "models); decode with one checkpoint, or average them first")
         super().__init__(AdaptiveEnsembleModel(models), tgt_dict, **kwargs)
         self.autocast_bf16 = bool(autocast_bf16)
-        self.lean_pool = LeanBufferPool()  # the lean step's key/value buffers, reused batch after batch
         decoder = self.model.single_model.decoder
         self.num_exits = decoder.num_layers
         self.stats = ExitStats(self.num_exits)
@@ -81,11 +80,12 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
                                   "set with targets, as fairseq-generate reads; not fairseq-interactive)")
             self.policy.reference = sample["target"]
         steps = self.decoding_steps(sample)
+        pool = self.lean_pool
         for decoder in decoders:
             decoder.exit_policy = self.policy
             decoder.beam_rows = self.beam_size  # fairseq's search keeps a sentence's beam rows together
             decoder.lean_capacity = steps
-            decoder.lean_pool = self.lean_pool
+            decoder.lean_pool = pool
         try:
             with bf16_autocast(self.model.single_model, self.autocast_bf16):
                 finalized, order = self.decode_batch(sample, prefix_tokens, constraints, bos_token)
@@ -96,7 +96,7 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
                 decoder.lean_capacity = None
                 decoder.lean_pool = None
             self.model.incremental_states = None
-            self.lean_pool.reclaim()  # the batch's caches are gone with its incremental states
+            pool.reclaim()  # the batch's caches are gone with its incremental states
             self.model.next_encoder_outs = None
             if hasattr(self.policy, "sorted_depths"):
                 self.policy.sorted_depths = None
@@ -106,6 +106,11 @@ class AdaptiveSequenceGenerator(SequenceGenerator):
             if hypos:
                 self.stats.add_hypothesis(hypos[0]["exits"])
         return finalized
+
+    @property
+    def lean_pool(self) -> LeanBufferPool:
+        """The lean step's key/value buffers, reused batch after batch (one pool per thread)."""
+        return LeanBufferPool.for_this_thread()
 
     def decode_batch(self, sample, prefix_tokens, constraints, bos_token):
         """fairseq's beam search on the batch, deepest sentences first when the policy sorts them →

@@ -8,7 +8,7 @@ from fairseq.sequence_generator import SequenceGenerator
 from fairseq_dat.errors import ConfigError
 from fairseq_dat.exit_policy import ExitStats, PlannedDepth, build_exit_policy
 from fairseq_dat.modules.depth_estimators import geometric_halts, masked_mean_over_source
-from fairseq_dat.modules.exit_aware_decoding import LeanBlockCache
+from fairseq_dat.modules.exit_aware_decoding import LeanBlockCache, LeanBufferPool
 from fairseq_dat.sequence_generator import AdaptiveSequenceGenerator
 from helpers import incremental_step, materialize_all_pending_kv, random_batch, tiny_model
 
@@ -144,23 +144,30 @@ def test_lean_caches_grow_past_their_initial_capacity(model_and_dict, monkeypatc
     assert_same_hypotheses(ref, ours, bitwise=False)
 
 
+def fresh_lean_pool() -> LeanBufferPool:
+    """This thread's buffer pool replaced by an empty one (nothing recycled from earlier tests)."""
+    LeanBufferPool._threads.pool = LeanBufferPool()
+    return LeanBufferPool.for_this_thread()
+
+
 def test_generator_recycles_lean_buffers_across_batches(model_and_dict):
-    """The lean step's key/value buffers go back to the generator's pool after each batch and serve the
-    next one (no fresh multi-megabyte allocation per block and batch on a CPU): the same batch decoded
-    again allocates nothing new, and buffers still holding another batch's values change no hypothesis
-    (full depth, and uniform exits with their row-subset and deferred paths)."""
+    """The lean step's key/value buffers go back to the thread's pool after each batch and serve the next
+    one (no fresh multi-megabyte allocation per block and batch on a CPU), also for another generator:
+    the same batch decoded again allocates nothing new, and buffers still holding another batch's
+    values change no hypothesis (full depth, and uniform exits with their row-subset and deferred paths)."""
     model, d = model_and_dict
     first, second = make_sample(d, bsz=6, seed=0), make_sample(d, bsz=5, src_len=9, seed=3)
     for kwargs in ({}, {"exit_strategy": "uniform"}):
-        def fresh(sample):  # its own pool: nothing recycled
+        def fresh(sample):  # an empty pool: nothing recycled
+            fresh_lean_pool()
             torch.manual_seed(0)
             return AdaptiveSequenceGenerator([model], d, beam_size=3, max_len_b=12, **kwargs).generate([model], sample)
         ref_first, ref_second = fresh(first), fresh(second)
+        pool = fresh_lean_pool()
         gen = AdaptiveSequenceGenerator([model], d, beam_size=3, max_len_b=12, **kwargs)
         torch.manual_seed(0)
         gen.generate([model], first)
-        pool = gen.lean_pool
-        assert not pool.lent and pool.free  # every buffer of the batch came back
+        assert gen.lean_pool is pool and not pool.lent and pool.free  # every buffer of the batch came back
         buffers = {t.data_ptr() for t in pool.free}
         torch.manual_seed(0)
         assert_same_hypotheses(ref_first, gen.generate([model], first))
@@ -168,7 +175,36 @@ def test_generator_recycles_lean_buffers_across_batches(model_and_dict):
         torch.manual_seed(0)
         assert_same_hypotheses(ref_second, gen.generate([model], second))
         torch.manual_seed(0)
-        assert_same_hypotheses(ref_first, gen.generate([model], first))
+        other = AdaptiveSequenceGenerator([model], d, beam_size=3, max_len_b=12, **kwargs)
+        assert_same_hypotheses(ref_first, other.generate([model], first))
+
+
+def test_lean_buffer_pool_is_shared_per_thread_and_holds_one_batch(model_and_dict):
+    """Every generator of a thread decodes with the same pool (54 generators of one benchmark process,
+    each with its own pool, ran out of 24 GiB), and a batch's end releases the buffers it did not use:
+    the pool holds one batch's buffers, not every buffer any earlier batch needed."""
+    model, d = model_and_dict
+    pool = fresh_lean_pool()
+    gens = [AdaptiveSequenceGenerator([model], d, beam_size=3, max_len_b=20) for _ in range(3)]
+    assert all(g.lean_pool is pool for g in gens)
+    for g in gens:
+        g.generate([model], make_sample(d, bsz=6, src_len=9, seed=1))
+    assert pool.held() == fresh_generation_held(model, d)
+    pool, like = fresh_lean_pool(), torch.zeros(1)
+    big = [pool.empty((1000,), like, torch.float32) for _ in range(3)]
+    pool.reclaim()
+    small = pool.empty((10,), like, torch.float32)  # the next batch needs one buffer
+    assert small.data_ptr() in {b.data_ptr() for b in big}  # recycled
+    pool.reclaim()
+    assert pool.held() == 1000 and not pool.lent  # the two it did not use are gone
+
+
+def fresh_generation_held(model, d) -> int:
+    pool = fresh_lean_pool()
+    AdaptiveSequenceGenerator([model], d, beam_size=3, max_len_b=20).generate([model], make_sample(d, bsz=6, src_len=9, seed=1))
+    held = pool.held()
+    fresh_lean_pool()
+    return held
 
 
 def test_padded_target_positions_are_masked_on_both_steps(model_and_dict):

@@ -45,6 +45,7 @@ on a fairseq upgrade):
   ``FairseqIncrementalState.get_incremental_state`` / ``set_incremental_state``.
 """
 import contextlib
+import threading
 from typing import Dict, List, Optional
 
 import torch
@@ -480,15 +481,28 @@ def keep_exited_rows(out: Tensor, x: Tensor, active: Tensor) -> Tensor:
 
 
 class LeanBufferPool:
-    """The lean step's key/value buffers, recycled across the batches of one generator: on a CPU a fresh
-    buffer of several megabytes per block and batch pays a page fault per 4 KiB page when first written
-    (glibc returns large blocks to the system on free); recycling them made full-depth decoding of the
-    6+6 x 256 model about 5 % faster (the same effect as ``MALLOC_MMAP_THRESHOLD_`` raised). Buffers
-    are flat tensors lent as views; ``reclaim`` (the generator, after a batch) takes every lent one back."""
+    """The lean step's key/value buffers, recycled across batches: on a CPU a fresh buffer of several
+    megabytes per block and batch pays a page fault per 4 KiB page when first written (glibc returns
+    large blocks to the system on free); recycling them made full-depth decoding of the 6+6 x 256 model
+    about 6 % faster (the same effect as ``MALLOC_MMAP_THRESHOLD_`` raised). Buffers are flat tensors
+    lent as views. One pool per thread (:meth:`for_this_thread`), shared by every generator of the
+    thread (a batch is decoded to its end before the next starts); ``reclaim`` (the generator, after a
+    batch) takes the batch's buffers back and drops the ones it did not use, so the pool holds at most
+    one batch's buffers."""
+
+    _threads = threading.local()
 
     def __init__(self):
         self.free: List[Tensor] = []
         self.lent: List[Tensor] = []
+        self.used: List[Tensor] = []  # every buffer lent during the current batch
+
+    @classmethod
+    def for_this_thread(cls) -> "LeanBufferPool":
+        pool = getattr(cls._threads, "pool", None)
+        if pool is None:
+            pool = cls._threads.pool = cls()
+        return pool
 
     def empty(self, shape, like: Tensor, dtype: torch.dtype) -> Tensor:
         numel = 1
@@ -500,6 +514,8 @@ class LeanBufferPool:
         else:
             flat = like.new_empty(numel, dtype=dtype)
         self.lent.append(flat)
+        if not any(flat is t for t in self.used):
+            self.used.append(flat)
         return flat[:numel].view(shape)
 
     def give(self, *tensors: Tensor):
@@ -512,8 +528,12 @@ class LeanBufferPool:
                     break
 
     def reclaim(self):
-        self.free.extend(self.lent)
-        self.lent = []
+        """After a batch: its buffers are free again; buffers it did not use are released."""
+        self.free, self.lent, self.used = self.used, [], []
+
+    def held(self) -> int:
+        """Elements held (free and lent)."""
+        return sum(t.numel() for t in self.free + self.lent)
 
 
 class LeanBlockCache:
