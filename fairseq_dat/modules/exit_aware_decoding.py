@@ -45,6 +45,7 @@ on a fairseq upgrade):
   ``FairseqIncrementalState.get_incremental_state`` / ``set_incremental_state``.
 """
 import contextlib
+import math
 import threading
 from typing import Dict, List, Optional
 
@@ -239,8 +240,7 @@ class ExitAwareDecoding:
     def start_lean_caches(self, incremental_state) -> List["LeanBlockCache"]:
         """On a batch's first step: empty caches, the q/k/v weights concatenated once for the batch
         (so nothing can go stale across ``generate`` calls)."""
-        pool = getattr(self, "lean_pool", None)
-        blocks = [LeanBlockCache(layer, self.lean_capacity, pool) for layer in self.layers]
+        blocks = [LeanBlockCache(layer, self.lean_capacity, self.lean_pool) for layer in self.layers]
         self.set_incremental_state(incremental_state, "lean", {"blocks": blocks})
         return blocks
 
@@ -505,9 +505,7 @@ class LeanBufferPool:
         return pool
 
     def empty(self, shape, like: Tensor, dtype: torch.dtype) -> Tensor:
-        numel = 1
-        for n in shape:
-            numel *= n
+        numel = math.prod(shape)
         fits = [i for i, t in enumerate(self.free) if t.dtype == dtype and t.device == like.device and t.numel() >= numel]
         if fits:
             flat = self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
@@ -578,7 +576,7 @@ class LeanBlockCache:
         self.length = 0
         self.src_k: Optional[Tensor] = None
         self.src_v: Optional[Tensor] = None
-        self.src_mask: Optional[Tensor] = None  # sentences x 1 x 1 x S, -inf at padding (additive)
+        self.src_mask: Optional[Tensor] = None  # sentences x 1 x 1 x S, True at padding
         self.rows_per_source = 1
 
     # ---- self-attention keys/values
@@ -688,7 +686,7 @@ class LeanBlockCache:
             mask = mask.index_select(0, rows) if mask is not None else None
         q = q.view(q.size(0), self.heads, 1, self.head_dim)
         with self.attention_precision(q.device.type):
-            out = single_query_attention(q.to(k.dtype), k, v, mask)
+            out = few_query_attention(q.to(k.dtype), k, v, mask[:, None, None, :] if mask is not None else None)
         return out.reshape(q.size(0), -1)
 
     # ---- source keys/values (encoder-decoder attention)
@@ -705,8 +703,7 @@ class LeanBlockCache:
         self.src_k = split_heads(attn.k_proj(enc), attn.num_heads).to(dtype or enc.dtype).contiguous()
         self.src_v = split_heads(attn.v_proj(enc), attn.num_heads).to(dtype or enc.dtype).contiguous()
         if enc_mask is not None and bool(enc_mask.any()):
-            self.src_mask = torch.zeros(enc_mask.shape, dtype=self.src_k.dtype, device=enc.device).masked_fill(
-                enc_mask, float("-inf"))[:, None, None, :]
+            self.src_mask = enc_mask[:, None, None, :]
         self.rows_per_source = rows // self.src_k.size(0)
 
     def reorder_source(self, order: Tensor):
@@ -743,30 +740,21 @@ class LeanBlockCache:
         return few_query_attention(q, k, v, mask)
 
 
-def single_query_attention(q: Tensor, k: Tensor, v: Tensor, pad: Optional[Tensor]) -> Tensor:
-    """Self-attention of one query per row over its cached positions: q r x H x 1 x d, k/v r x H x T x d,
-    pad r x T (True: padded key) → r x H x 1 x d. Two batched matrix products on a CPU (320 rows x 4
-    heads x 20 positions, 2 threads: 539 us against 1,069 us for the elementwise products over the
-    earlier time-major cache and 728 us for SDPA's kernel); SDPA on an accelerator."""
+def few_query_attention(q: Tensor, k: Tensor, v: Tensor, pad: Optional[Tensor]) -> Tensor:
+    """softmax(q kᵀ / √d) v over the keys not masked, for a few queries per (row or sentence, head): the
+    decoder's self-attention (one query per row over its cached positions) and the source attention
+    (a sentence's beam rows over its source). q ... x Q x d, k/v ... x S x d, pad broadcastable to
+    ... x Q x S, True at padded keys. ``scaled_dot_product_attention`` on an accelerator; on a CPU two
+    batched matrix products, as fairseq's attention computes it: on this VM's CPU SDPA's kernel took
+    about 2.3x as long for beam-size queries with 2 threads (64 sentences x 4 heads x 5 queries x 14
+    source positions: 562-673 us against 245-290 us) and about as long with 1 thread (296-452 us against
+    454-468 us); for one query (320 rows x 4 heads x 20 positions, 2 threads) 539 us against 728 us for
+    SDPA's kernel and 1,069 us for the elementwise products over the earlier time-major cache."""
     if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=~pad[:, None, None, :] if pad is not None else None)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=~pad if pad is not None else None)
     scores = torch.matmul(q * q.size(-1) ** -0.5, k.transpose(-1, -2))
     if pad is not None:
-        scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1), v)
-
-
-def few_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """softmax(q kᵀ / √d + mask) v for a few queries per (sentence, head): q ... x Q x d, k/v ... x S x d,
-    mask additive. ``scaled_dot_product_attention`` on an accelerator; on a CPU two batched matrix
-    products, as fairseq's attention computes it: on this VM's CPU SDPA's kernel took about 2.3x as long
-    for beam-size queries with 2 threads (64 sentences x 4 heads x 5 queries x 14 source positions:
-    562-673 us against 245-290 us) and about as long with 1 thread (296-452 us against 454-468 us)."""
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    scores = torch.matmul(q * q.size(-1) ** -0.5, k.transpose(-1, -2))
-    if mask is not None:
-        scores = scores + mask
+        scores = scores.masked_fill(pad, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
