@@ -473,6 +473,50 @@ def test_blocks_skipped_for_several_steps_catch_up_with_the_beam(model_and_dict,
             torch.testing.assert_close(x["positional_scores"], y["positional_scores"], rtol=1e-5, atol=1e-5)
 
 
+class OneDeepRowPerStep(PlannedDepth):
+    """Every row exits at block 1 but one per step (row ``step mod B``), which runs every block: the
+    stragglers of token-level exits."""
+
+    def plan_step(self, decoder, encoder_out, incremental_state, prev_output_tokens):
+        bsz, step = prev_output_tokens.shape
+        depth = torch.ones(bsz, dtype=torch.long)
+        depth[(step - 1) % bsz] = decoder.num_layers
+        return {"depth": depth}
+
+
+def test_straggler_rows_catch_up_alone_and_decode_as_eager_keys_values(model_and_dict, monkeypatch):
+    """Deferred keys/values on the lean step with one row per step sent through every block (fewer rows
+    than ``gather_ratio``): only that row's history is caught up — the caches of blocks 2..N are never
+    re-ordered for every row while the batch decodes — and hypotheses, scores and exits equal eager
+    keys/values' (every row's keys/values at every block and step) on both block steps."""
+    model, d = model_and_dict
+    sample = make_sample(d)
+    reordered = []  # the block (its fc1 weight) of every cache re-ordered for all rows
+    reorder = LeanBlockCache.reorder
+
+    def recording_reorder(cache, order):
+        reordered.append(cache.linears["fc1"][0].data_ptr())
+        return reorder(cache, order)
+
+    monkeypatch.setattr(LeanBlockCache, "reorder", recording_reorder)
+    runs = {}
+    for mode, step in (("deferred", "lean"), ("eager", "lean"), ("eager", "fairseq")):
+        reordered.clear()
+        gen = AdaptiveSequenceGenerator([model], d, beam_size=4, max_len_b=10, min_len=8, fixed_exit=1)
+        gen.policy = OneDeepRowPerStep(kv_mode=mode, stats=gen.stats, decoder_step=step)
+        runs[mode, step] = gen.generate([model], sample)
+        if mode == "deferred":
+            assert set(reordered) == {model.decoder.layers[0].fc1.weight.data_ptr()}, len(reordered)
+    reference = runs["eager", "fairseq"]
+    for run in (runs["deferred", "lean"], runs["eager", "lean"]):
+        for a, b in zip(run, reference):
+            for x, y in zip(a, b):
+                assert torch.equal(x["tokens"], y["tokens"]) and torch.equal(x["exits"], y["exits"])
+                torch.testing.assert_close(x["positional_scores"], y["positional_scores"], rtol=1e-4, atol=1e-4)
+    exits = torch.cat([h["exits"] for sent in reference for h in sent])
+    assert exits.min() == 1 and exits.max() == len(model.decoder.layers)
+
+
 def test_uniform_exits_are_random_seeded_and_bounded(model_and_dict):
     """--exit-strategy uniform (Table 1's Uniform column): every exit 1..N occurs, the same seed
     gives the same hypotheses, and a threshold with it is refused."""
