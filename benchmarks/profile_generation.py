@@ -20,7 +20,10 @@ depth through fairseq's layers (``--decoder-step fairseq``, without and with ``-
 through the lean step, and of uniformly random token exits on both steps, on the same batches, in
 one process, with their ratios (the uniform rows emit different tokens: compare their times); (2) the cost of one
 call of one decoder block against the number of rows that run it (the others exited: the copy
-rule's keys/values still cover every row), before (fairseq's layer path) and after (lean step).
+rule's keys/values still cover every row), before (fairseq's layer path) and after (lean step);
+(3) the same with deferred keys/values, from the state token-level exits leave a block in (positions
+skipped by every row, a beam reordering pending): every row catching up (before stop 27) against only
+the running rows (the lean step's straggler path).
 ``--only ops`` instead: one pass of fairseq's generator and of ours (lean step) at full depth under
 torch.profiler, the operators' self time by kind (matrix products, attention, log_softmax, beam search
 selection, copies/indexing, …) and the wall time outside operators: where the remaining time goes.
@@ -222,6 +225,79 @@ def block_call_costs(model, d, args, cache_len: int = 12, block: int = 3, calls:
     return costs
 
 
+def deferred_call_costs(model, d, args, cache_len: int = 12, skipped: int = 3, block: int = 3, calls: int = 40):
+    """Seconds per call of decoder block ``block`` with deferred keys/values (the lean step) for r of
+    B = batch x beam rows, from the state token-level exits leave it in: its cache filled up to
+    ``cache_len - skipped`` positions, the last ``skipped`` positions skipped by every row (their
+    keys/values still to come from the recorded exit states) and one beam reordering not yet applied.
+    "every row catches up" (the path before stop 27 for every r): the block's cache re-ordered and filled
+    for all rows, then the block on the r rows (below half of them: as a sub-batch); "straggler path"
+    (r below ``--exit-gather-ratio`` 0.5 of the rows): only those rows' history read, filled and written
+    back. The cache is restored before every call, outside the timing."""
+    dec = model.decoder
+    bsz, beam = args.batch_size * args.beam, args.beam
+    batch = random_batches(d, 1, args.batch_size, args.src_len)[0]["net_input"]
+    with torch.no_grad():
+        enc_out = model.encoder(batch["src_tokens"], src_lengths=batch["src_lengths"])
+        enc_out = model.encoder.reorder_encoder_out(enc_out, torch.arange(args.batch_size).repeat_interleave(beam))
+    enc, enc_mask = enc_out["encoder_out"][0], enc_out["encoder_padding_mask"][0]
+    layer, index = dec.layers[block - 1], block - 1
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, bsz, dec.embed_dim, generator=g)
+    everyone = torch.arange(bsz)
+    dec.exit_policy = ExitPolicy(decoder_step="lean", kv_mode="deferred")
+    dec.beam_rows = beam
+    state = {}
+    with torch.no_grad():
+        cache = dec.start_lean_caches(state)[index]
+        for _ in range(cache_len - skipped):
+            dec.lean_block_for_rows(cache, layer, x, everyone, enc, enc_mask, None, 0.5, beam)
+        for _ in range(cache_len):
+            dec.record_step_exits(state, torch.ones(bsz, dtype=torch.long), torch.randn(bsz, dec.embed_dim, generator=g))
+        # a beam reordering: each sentence's rows continue from rows of the same sentence
+        order = everyone // beam * beam + torch.randint(0, beam, (bsz,), generator=g)
+        saved = (cache.k.clone(), cache.v.clone(), cache.length)
+
+        def restore():
+            cache.k, cache.v, cache.length = saved[0].clone(), saved[1].clone(), saved[2]
+            cache.valid, cache.spare, cache.pad = None, None, None
+            dec.set_incremental_state(state, "pending_order", {str(index): order})
+
+        def every_row(rows):
+            dec.catch_up_block(index, state)
+            dec.lean_block_for_rows(cache, layer, x, rows, enc, enc_mask, None, 0.5, beam)
+
+        def stragglers(rows):
+            dec.lean_straggler_block(index, layer, x, rows, enc, enc_mask, None, state)
+
+        paths = {"every row catches up": every_row, "straggler path": stragglers}
+        costs = {}
+        for r in ROWS:
+            active = torch.randperm(bsz, generator=g)[:r].sort().values
+            for name, run in paths.items():
+                if name == "straggler path" and r >= 0.5 * bsz:
+                    continue
+                times = []
+                for _ in range(calls):
+                    restore()
+                    start = time.perf_counter()
+                    run(active)
+                    times.append(time.perf_counter() - start)
+                costs[(name, r)] = sorted(times)[len(times) // 2]
+    dec.exit_policy, dec.beam_rows = None, 1
+    print(f"\n== one call of decoder block {block} of {dec.num_layers} with deferred keys/values (lean step) against "
+          f"the rows that run it ({bsz} rows, {cache_len} positions of which {skipped} skipped by every row, a beam "
+          f"reordering pending; median of {calls} calls, ms)")
+    print(f"{'rows':>6} {'every row catches up':>21} {'straggler path':>15} {'ratio':>6} {'straggler vs 320':>17}")
+    full = costs[("every row catches up", ROWS[-1])]
+    for r in ROWS:
+        before, after = costs[("every row catches up", r)], costs.get(("straggler path", r))
+        cells = (f"{1e3 * after:15.3f} {after / before:6.2f} {after / full:17.2f}" if after is not None
+                 else f"{'(all rows)':>15} {'':>6} {'':>17}")
+        print(f"{r:6d} {1e3 * before:21.3f} {cells}")
+    return costs
+
+
 def random_model_report(args):
     model, d = random_model(args.vocab, SHAPES[args.shape])
     batches = random_batches(d, args.batches, args.batch_size, args.src_len)
@@ -231,6 +307,7 @@ def random_model_report(args):
         generation_speed(model, d, batches, args)
     if args.only != "speed":
         block_call_costs(model, d, args)
+        deferred_call_costs(model, d, args)
 
 
 # ---- where the remaining time goes: torch.profiler, operators by kind ------------------------------
