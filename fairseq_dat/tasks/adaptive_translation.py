@@ -45,7 +45,9 @@ class AdaptiveTranslationConfig(TranslationConfig):
         "help": "print an E-<id> line per hypothesis with the exit block of each token"})
     exit_gather_ratio: float = field(default=0.5, metadata={
         "help": "when fewer than this fraction of the beam rows still run a block, the block runs on a "
-                "gathered sub-batch; otherwise on all rows with the exited rows' outputs discarded"})
+                "gathered sub-batch (lean step with deferred keys/values: only those rows' keys/values are "
+                "caught up, the others' caches are left as they are); otherwise on all rows with the exited "
+                "rows' outputs discarded"})
     exit_kv: str = field(default="deferred", metadata={
         "help": "keys/values of a block that every beam row skipped at a step (copy rule, paper section 2): "
                 "deferred = computed from the copied states only when a later token runs that block "
