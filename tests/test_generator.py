@@ -517,6 +517,36 @@ def test_straggler_rows_catch_up_alone_and_decode_as_eager_keys_values(model_and
     assert exits.min() == 1 and exits.max() == len(model.decoder.layers)
 
 
+def test_straggler_history_is_written_where_no_other_row_reads_it(model_and_dict):
+    """The write-back rule of the straggler path: a cache row read by running rows only is overwritten in
+    place by the first of them, any other writer takes a cache row that no current row reads (a pruned
+    hypothesis's), and rows that did not run keep reading what they read before."""
+    model, _ = model_and_dict
+    layer = model.decoder.layers[1]
+    cache = LeanBlockCache(layer)
+    heads, dim = cache.heads, cache.head_dim
+    with torch.no_grad():  # 6 cache rows holding 2 positions, all filled
+        cache.append(torch.randn(6, 2, heads * dim), torch.randn(6, 2, heads * dim))
+    before = cache.k[:, :, :2].clone()
+    # beam order since the cache was last in step: rows 0,1 read cache row 0; rows 2,3 row 2; rows 4,5 row 5
+    order = torch.tensor([0, 0, 2, 2, 5, 5])
+    running = torch.tensor([0, 1, 2])  # row 2 shares cache row 2 with row 3, which does not run
+    states = torch.randn(6, 2, layer.self_attn.embed_dim)
+    with torch.no_grad():
+        history = cache.row_history(layer, running, order, states, None)
+        history.k[:, :, 2] = 7.0  # this step's keys
+        new_order = cache.keep_row_history(history, running, order, 6)
+    assert new_order[0] == 0  # the first reader of cache row 0 writes in place (every reader of it runs)
+    assert set(new_order[1:3].tolist()) == {1, 3}  # the others take rows nobody read (1 and 3 were pruned)
+    assert new_order[3:].tolist() == [2, 5, 5]  # rows that did not run read what they read before
+    assert torch.equal(cache.k[2, :, :2], before[2]) and torch.equal(cache.k[5, :, :2], before[5])
+    for row in range(3):
+        target = int(new_order[row])
+        assert torch.equal(cache.k[target, :, :2], before[int(order[row])])  # its history, read through the order
+        assert bool((cache.k[target, :, 2] == 7.0).all()) and int(cache.valid[target]) == 3
+    assert cache.valid[[2, 4, 5]].tolist() == [2, 2, 2] and cache.length == 3
+
+
 def test_uniform_exits_are_random_seeded_and_bounded(model_and_dict):
     """--exit-strategy uniform (Table 1's Uniform column): every exit 1..N occurs, the same seed
     gives the same hypotheses, and a threshold with it is refused."""
