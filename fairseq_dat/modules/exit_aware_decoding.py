@@ -707,13 +707,6 @@ class LeanBlockCache:
 
     # ---- deferred keys/values: the copy rule's positions, filled from the recorded exit states
 
-    def valid_positions(self, rows: Tensor) -> Tensor:
-        """Positions filled in the cache rows ``rows`` (long, one per row)."""
-        if self.valid is not None:
-            return self.valid.index_select(0, rows)
-        return torch.full((rows.numel(),), self.length if self.k is not None else 0, dtype=torch.long,
-                          device=rows.device)
-
     def project_states(self, layer, states: Tensor):
         """Keys/values (r x H x P x d each, the caches' dtype) of copied states r x P x C."""
         if layer.normalize_before:
@@ -756,21 +749,26 @@ class LeanBlockCache:
         mask = None
         cache_rows = order.index_select(0, rows) if order is not None else rows
         if position:
-            valid = self.valid_positions(cache_rows)
             filled = min(self.length, position)
             if filled:
                 torch.index_select(self.k[:, :, :filled], 0, cache_rows, out=k[:, :, :filled])
                 torch.index_select(self.v[:, :, :filled], 0, cache_rows, out=v[:, :, :filled])
-            low = int(valid.min())
+            # positions each row holds: ``filled`` for all while no straggler wrote back since the last catch-up
+            valid = self.valid.index_select(0, cache_rows) if self.valid is not None else None
+            low = int(valid.min()) if valid is not None else filled
             if low < position:
                 new_k, new_v = self.project_states(layer, states.index_select(0, rows)[:, low:])
-                stale = (torch.arange(low, position, device=k.device) >= valid.unsqueeze(1))[:, None, :, None]
-                k[:, :, low:position] = torch.where(stale, new_k, k[:, :, low:position])
-                v[:, :, low:position] = torch.where(stale, new_v, v[:, :, low:position])
+                if valid is None:
+                    k[:, :, low:position], v[:, :, low:position] = new_k, new_v
+                else:
+                    stale = (torch.arange(low, position, device=k.device) >= valid.unsqueeze(1))[:, None, :, None]
+                    k[:, :, low:position] = torch.where(stale, new_k, k[:, :, low:position])
+                    v[:, :, low:position] = torch.where(stale, new_v, v[:, :, low:position])
             if self.pad is not None and filled:
                 mask = torch.zeros(r, position + 1, dtype=torch.bool, device=k.device)
-                mask[:, :filled] = (self.pad.index_select(0, cache_rows)[:, :filled]
-                                    & (torch.arange(filled, device=k.device) < valid.unsqueeze(1)))
+                mask[:, :filled] = self.pad.index_select(0, cache_rows)[:, :filled]
+                if valid is not None:
+                    mask[:, :filled] &= torch.arange(filled, device=k.device) < valid.unsqueeze(1)
         if pad is not None and bool(pad.index_select(0, rows).any()):
             mask = mask if mask is not None else torch.zeros(r, position + 1, dtype=torch.bool, device=k.device)
             mask[:, position] = pad.index_select(0, rows)
