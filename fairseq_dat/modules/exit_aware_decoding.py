@@ -942,12 +942,13 @@ def lean_block(layer, cache: LeanBlockCache, x: Tensor, rows: Optional[Tensor], 
     every row are appended to the cache (for exited rows, computed from their copied state); with it
     (:meth:`LeanBlockCache.row_history`, deferred keys/values) only the rows' own, to their history."""
     pre, c = layer.normalize_before, x.size(-1)
-    h = layer.self_attn_layer_norm(x) if pre else x
     if history is not None:
-        q, k, v = F.linear(h.index_select(0, rows), cache.w_qkv, cache.b_qkv).split(c, dim=-1)
         residual = x.index_select(0, rows)
+        h = layer.self_attn_layer_norm(residual) if pre else residual
+        q, k, v = F.linear(h, cache.w_qkv, cache.b_qkv).split(c, dim=-1)
         attended = cache.attend_history(history, q, k, v)
     else:
+        h = layer.self_attn_layer_norm(x) if pre else x
         if rows is None:
             q, k, v = F.linear(h, cache.w_qkv, cache.b_qkv).split(c, dim=-1)
             residual = x
