@@ -51,7 +51,9 @@ stage_two_flags() {
     [ -f "$DATA_BIN/$STAGE2_TRAIN_SUBSET.$src-$tgt.$src.idx" ] || {
       echo "error: STAGE2_TRAIN_SUBSET=$STAGE2_TRAIN_SUBSET: $DATA_BIN/$STAGE2_TRAIN_SUBSET.$src-$tgt.$src.idx not found" >&2
       return 1; }
-    STAGE2_FLAGS+=(--train-subset "$STAGE2_TRAIN_SUBSET" --validate-interval 1000000 --save-interval 1000000)
+    # --upsample-primary 1: a split in parts (SPLIT, SPLIT1, SPLIT2, ...) is concatenated by fairseq, whose
+    # default -1 then fails ("negative dimensions are not allowed" in ConcatDataset.sizes)
+    STAGE2_FLAGS+=(--train-subset "$STAGE2_TRAIN_SUBSET" --upsample-primary 1 --validate-interval 1000000 --save-interval 1000000)
   fi
   case "${STAGE2_MODE:-joint}" in
     joint) ;;
