@@ -11,7 +11,8 @@
 #      the paper), fixed lr with the estimator at 10x (--estimator-lr-multiplier), validated every 100
 #      updates and stopped when valid exit_loss has not improved for 5 validations or at
 #      DEMO_STAGE2_HOURS (default 0.1 h); then `estimator_check`: did the estimator learn (valid exit_acc
-#      against exit_majority, exit_loss against the oracle's entropy, parameters against their init)?
+#      against exit_majority, exit_loss against the oracle's entropy, parameters against their init; the
+#      gains recomputed on valid with 95% bootstrap intervals over sentences decide)?
 #   4. the per-block thresholds τ_1..τ_5, calibrated on valid as the paper tunes them (§3: random search,
 #      here DEMO_SAMPLES = 30 draws instead of 10,000): the cheapest draw (lowest average exit) whose valid
 #      BLEU is within DEMO_MAX_DROP (default 0.5) of full depth (fairseq_dat.cli.threshold_search
@@ -75,7 +76,8 @@ fairseq-train "$DATA_BIN" "${TRAIN[@]}" "${MODEL[@]}" --lr-scheduler fixed --lr 
   "${STAGE2_RESUME[@]}" --save-dir "$DEMO_DIR/stage2" "${STAGE2_LIMIT[@]}" 2>&1 | tee "$DEMO_DIR/stage2.log" | show
 echo "== did the estimator learn?"
 python -m fairseq_dat.cli.estimator_check "$DEMO_DIR/stage2/checkpoint_best.pt" --train-log "$DEMO_DIR/stage2.log" \
-  2> "$DEMO_DIR/estimator_check.log" | tee "$DEMO_DIR/estimator_check.txt" | grep -E "ESTIMATOR|halting" \
+  --data "$DATA_BIN" 2> "$DEMO_DIR/estimator_check.log" | tee "$DEMO_DIR/estimator_check.txt" \
+  | grep -E "ESTIMATOR|SIGNIFICANCE|halting" \
   || { tail -3 "$DEMO_DIR/estimator_check.log" >&2; exit 1; }
 
 GEN_FLAGS=(--beam 5 --batch-size 64 --max-len-a 1.2 --max-len-b 10)

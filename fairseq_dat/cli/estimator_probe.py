@@ -32,7 +32,7 @@ One line per (oracle, estimator) starts with ``PROBE`` (machine-readable ``key=v
 import argparse
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +102,7 @@ class ProbeSplit:
     token_oracles: Tensor  # tokens x K, 0-based exits, one column per oracle spec
     source_means: Tensor  # sentences x C, masked mean of the encoder output
     sequence_oracles: Tensor  # sentences x K
+    token_sentences: Optional[Tensor] = None  # tokens: the index of each token's sentence in the split
 
 
 def exit1_confidence(lprobs: Tensor) -> Tensor:
@@ -130,9 +131,10 @@ def probe_batch(model, sample, pad: int, oracles: Sequence[OracleSpec]) -> Dict[
     token = [token_oracle(scores[o.score][0], mask, o.lam, o.sigma)[mask] for o in oracles]
     sequence = [sequence_oracle(scores[o.score][0], mask, o.lam) for o in oracles]
     enc, enc_mask = encoder_tensors(encoder_out)
+    sentence_of_token = torch.arange(target.size(0), device=target.device).unsqueeze(1).expand_as(target)[mask]
     return {"states": torch.stack(states, dim=2)[mask].float(), "confidence": exit1_confidence(lprobs[0])[mask],
             "token_oracles": torch.stack(token, dim=-1), "source_means": masked_mean_over_source(enc, enc_mask),
-            "sequence_oracles": torch.stack(sequence, dim=-1)}
+            "sequence_oracles": torch.stack(sequence, dim=-1), "token_sentences": sentence_of_token}
 
 
 def collect_split(model, task, split: str, max_sentences: int, max_tokens: int,
@@ -148,7 +150,9 @@ def collect_split(model, task, split: str, max_sentences: int, max_tokens: int,
         if max_sentences and seen >= max_sentences:
             break
         sample = utils.move_to_cuda(sample, device=device) if device.type == "cuda" else sample
-        for key, value in probe_batch(model, sample, task.target_dictionary.pad(), oracles).items():
+        batch = probe_batch(model, sample, task.target_dictionary.pad(), oracles)
+        batch["token_sentences"] = batch["token_sentences"] + seen  # index within the split
+        for key, value in batch.items():
             parts.setdefault(key, []).append(value.cpu())
         seen += sample["nsentences"]
     if not parts:
@@ -241,17 +245,19 @@ def score(estimator, inputs: Tensor, oracle: Tensor) -> Tuple[float, float]:
 # ---- the command -------------------------------------------------------------------------------
 
 
-def load_stage1(data: str, path: str, cpu: bool):
+def load_stage1(data: str, path: str, cpu: bool, source: str = "estimator_probe: --path"):
+    """(model in eval mode, task, device) of an adaptive_transformer checkpoint on ``data``; errors name
+    ``source`` (the tool and flag the path came from)."""
     from fairseq import checkpoint_utils
 
     import fairseq_dat  # noqa: F401  (registers the plugin)
     try:
         models, _, task = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides={"data": data})
     except (OSError, FileNotFoundError) as err:
-        raise ConfigError(f"estimator_probe: --path {path}: {err}") from None
+        raise ConfigError(f"{source} {path}: {err}") from None
     model = models[0]
     if not hasattr(model.decoder, "teacher_forced_block_states"):
-        raise ConfigError(f"estimator_probe: --path {path} is not an adaptive_transformer checkpoint")
+        raise ConfigError(f"{source} {path} is not an adaptive_transformer checkpoint")
     device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
     return model.to(device).eval(), task, device
 
