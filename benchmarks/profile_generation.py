@@ -11,6 +11,10 @@ Two modes:
     # equality on a whole test set: fairseq's generator vs ours on both block steps (no profile)
     python benchmarks/profile_generation.py DATA --path CKPT --compare [--batches 0] [...]
 
+    # token-level exits step by step: the deepest row of each step against the row mean, and where the
+    # time of the step goes (straggler calls split into their parts), against --fixed-exit 1
+    python benchmarks/profile_generation.py DATA --path CKPT --steps --exit-threshold 0.7,0.8,0.9 [--batch-size 1]
+
     # speed only: a model of the demo shape with random weights built here (no data, no checkpoint)
     python benchmarks/profile_generation.py --random-model [--batch-size 64] [--beam 5] [--threads 2]
         [--shape demo|w256 --vocab V] [--only speed|blocks|ops]
@@ -28,7 +32,18 @@ the running rows (the lean step's straggler path).
 torch.profiler, the operators' self time by kind (matrix products, attention, log_softmax, beam search
 selection, copies/indexing, …) and the wall time outside operators: where the remaining time goes.
 Random weights: the hypotheses are meaningless, only the times are.
+
+``--steps`` (a checkpoint with a token-level estimator): per threshold, the decoding steps' mean exit over
+rows (what AE counts) and the mean over steps of the deepest row's exit. A step runs block n if any row
+needs it, and when a block call costs about the same for 1 row as for all (dispatch-bound: batch 1, or
+the per-call floor of straggler calls), time follows the deepest row, so ``mean / deepest`` bounds the
+efficiency of any lockstep beam search at that threshold, whatever the per-call code. Then the wall time
+of the pieces of the lean step (every straggler call and its ``row_history``, ``keep_row_history``; the
+halting decisions; ``step_logits``) in a second timed pass, next to the whole run at ``--fixed-exit 1``.
 """
+import collections
+import contextlib
+import functools
 import argparse
 import cProfile
 import pstats
@@ -84,9 +99,17 @@ def parse_args():
                    help="checkpoint: compare hypotheses instead of profiling: fairseq's SequenceGenerator vs "
                         "ours at full depth on both --decoder-step paths, and lean vs fairseq layers under the "
                         "exit flags given (--batches 0: the whole subset)")
+    p.add_argument("--steps", action="store_true",
+                   help="checkpoint: per --exit-threshold (comma-separated), the deepest row of each decoding step "
+                        "against the row mean (the lockstep bound on efficiency) and the time of the step's pieces")
     args = p.parse_args()
     if not args.random_model and (args.data is None or args.path is None):
         p.error("DATA and --path are required unless --random-model")
+    if args.steps:
+        try:
+            [float(t) for t in (args.exit_threshold or "").split(",")]
+        except ValueError:
+            p.error(f"--steps needs --exit-threshold as comma-separated numbers, got {args.exit_threshold!r}")
     return args
 
 
@@ -385,6 +408,8 @@ def checkpoint_report(args):
     d = task.target_dictionary
     if args.compare:
         return compare_hypotheses(model, d, batches, args)
+    if args.steps:
+        return step_report(model, d, batches, args)
     stock = SequenceGenerator([model], d, beam_size=args.beam)
     ours = AdaptiveSequenceGenerator([model], d, beam_size=args.beam, exit_strategy=args.exit_strategy,
                                      exit_threshold=args.exit_threshold, fixed_exit=args.fixed_exit,
@@ -442,6 +467,88 @@ def compare_hypotheses(model, d, batches, args):
             exits = f", exits equal in {sum(torch.equal(ha[0]['exits'], hb[0]['exits']) for ha, hb in zip(a, b))}"
         print(f"{name_a} vs {name_b}: {same}/{sentences} sentences with every beam hypothesis's tokens equal"
               f"{exits}; largest positional score difference {diff:.2e}")
+
+
+# ---- token-level exits step by step (--steps) ---------------------------------------------------------
+
+
+def lockstep_bound(steps):
+    """steps: (deepest exit, mean exit, rows) per decoding step → (row-mean exit, mean deepest exit per step,
+    share of steps with a row past block 1, row-mean / deepest): the efficiency a lockstep step cannot beat
+    when a block call costs the same whatever number of rows runs it."""
+    rows = sum(r for _, _, r in steps)
+    mean = sum(m * r for _, m, r in steps) / rows
+    deepest = sum(d for d, _, _ in steps) / len(steps)
+    return mean, deepest, sum(d > 1 for d, _, _ in steps) / len(steps), mean / deepest
+
+
+@contextlib.contextmanager
+def timed_methods(targets, totals: collections.Counter, counts: collections.Counter):
+    """Wall time and calls of each (owner class, method name) while the block runs; restored after."""
+    saved = [(owner, name, vars(owner)[name]) for owner, name in targets]
+    for owner, name, fn in saved:
+        def timed(*a, _fn=fn, _label=f"{owner.__name__}.{name}", **k):
+            start = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                totals[_label] += time.perf_counter() - start
+                counts[_label] += 1
+        setattr(owner, name, functools.wraps(fn)(timed))
+    try:
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+def step_report(model, d, batches, args):
+    from fairseq_dat import exit_policy
+    from fairseq_dat.modules.exit_aware_decoding import ExitAwareDecoding, LeanBlockCache
+
+    def run(gen):
+        start = time.perf_counter()
+        with torch.no_grad():
+            for batch in batches:
+                gen.generate([model], batch)
+        return time.perf_counter() - start
+
+    def generator(**flags):
+        return AdaptiveSequenceGenerator([model], d, beam_size=args.beam, exit_kv=args.exit_kv,
+                                         decoder_step=args.decoder_step, exit_strategy=args.exit_strategy, **flags)
+
+    fixed = generator(fixed_exit=1)
+    run(fixed), run(fixed)  # warm-up: the first passes of a process are slower
+    t_fixed = min(run(fixed) for _ in range(args.repeats))
+    print(f"{len(batches)} batches of {args.batch_size} x beam {args.beam}: --fixed-exit 1 {t_fixed * 1000:.0f} ms")
+    steps, record = [], ExitAwareDecoding.record_step_exits
+    halts = [(c, "halt") for c in vars(exit_policy).values() if isinstance(c, type) and "halt" in vars(c)]
+    pieces = [(ExitAwareDecoding, "lean_straggler_block"), (LeanBlockCache, "row_history"),
+              (LeanBlockCache, "keep_row_history"), (ExitAwareDecoding, "step_logits"), *halts]
+    for threshold in (args.exit_threshold or "").split(","):
+        gen = generator(exit_threshold=float(threshold))
+        run(gen)
+        t_run = min(run(gen) for _ in range(args.repeats))
+        steps.clear()
+
+        def counting(self, incremental_state, step_exits, final_states=None):
+            steps.append((int(step_exits.max()), float(step_exits.float().mean()), step_exits.numel()))
+            return record(self, incremental_state, step_exits, final_states)
+        ExitAwareDecoding.record_step_exits = counting
+        try:
+            run(gen)
+        finally:
+            ExitAwareDecoding.record_step_exits = record
+        mean, deepest, straggling, bound = lockstep_bound(steps)
+        print(f"tau {threshold}: {t_run * 1000:.0f} ms ({t_run / t_fixed:.2f}x --fixed-exit 1); {len(steps)} steps, "
+              f"row-mean exit {mean:.2f}, deepest exit per step {deepest:.2f}, steps with a row past block 1 "
+              f"{100 * straggling:.0f}%, lockstep bound mean/deepest {bound:.2f}")
+        totals, counts = collections.Counter(), collections.Counter()
+        with timed_methods(pieces, totals, counts):
+            t_timed = run(gen)
+        for label in sorted(totals):
+            print(f"    {label}: {totals[label] * 1000:.1f} ms in {counts[label]} calls "
+                  f"({totals[label] / counts[label] * 1e6:.0f} us/call; {totals[label] / t_timed:.0%} of this pass)")
 
 
 def main():

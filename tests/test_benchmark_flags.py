@@ -77,3 +77,26 @@ def test_result_line_reports_the_bf16_rows_against_fairseq(bench):
 def test_autocast_bf16_flag_adds_the_bf16_rows(bench):
     assert bench.parse_args(["DATA", "--path", "ckpt.pt", "--autocast-bf16"]).autocast_bf16
     assert not bench.parse_args(["DATA", "--path", "ckpt.pt"]).autocast_bf16
+
+
+@pytest.fixture(scope="module")
+def profiler():
+    spec = importlib.util.spec_from_file_location("profile_generation",
+                                                  os.path.join(REPO, "benchmarks", "profile_generation.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_lockstep_bound_is_the_row_mean_over_the_deepest_row(profiler):
+    # two steps of 5 rows: one all at exit 1, one with a row at exit 6 (mean 2) → AE 1.5, deepest 3.5
+    mean, deepest, straggling, bound = profiler.lockstep_bound([(1, 1.0, 5), (6, 2.0, 5)])
+    assert (mean, deepest, straggling) == (1.5, 3.5, 0.5) and abs(bound - 1.5 / 3.5) < 1e-12
+    assert profiler.lockstep_bound([(1, 1.0, 320)] * 3)[3] == 1.0  # nobody deeper: no bound
+
+
+def test_steps_needs_numeric_thresholds(profiler, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["profile_generation.py", "DATA", "--path", "c.pt", "--steps"])
+    with pytest.raises(SystemExit):
+        profiler.parse_args()
+    assert "--steps needs --exit-threshold" in capsys.readouterr().err
