@@ -397,6 +397,15 @@ def op_breakdown(model, d, batches, args):
 # ---- a checkpoint on real batches ----------------------------------------------------------------
 
 
+def timed_pass(gen, model, batches) -> float:
+    """Seconds for one generator to decode every batch (no gradients)."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in batches:
+            gen.generate([model], batch)
+    return time.perf_counter() - start
+
+
 def checkpoint_report(args):
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([args.path], arg_overrides={"data": args.data})
     model = models[0].eval()
@@ -416,11 +425,7 @@ def checkpoint_report(args):
                                      exit_kv=args.exit_kv, decoder_step=args.decoder_step)
 
     def run(gen):
-        start = time.perf_counter()
-        with torch.no_grad():
-            for batch in batches:
-                gen.generate([model], batch)
-        return time.perf_counter() - start
+        return timed_pass(gen, model, batches)
 
     run(stock), run(ours)  # warm-up
     t_stock, t_ours = run(stock), run(ours)
@@ -507,11 +512,7 @@ def step_report(model, d, batches, args):
     from fairseq_dat.modules.exit_aware_decoding import ExitAwareDecoding, LeanBlockCache
 
     def run(gen):
-        start = time.perf_counter()
-        with torch.no_grad():
-            for batch in batches:
-                gen.generate([model], batch)
-        return time.perf_counter() - start
+        return timed_pass(gen, model, batches)
 
     def generator(**flags):
         return AdaptiveSequenceGenerator([model], d, beam_size=args.beam, exit_kv=args.exit_kv,
