@@ -1,5 +1,8 @@
 """Tiny real fairseq models for tests: fairseq's own Dictionary, argument parser, task and model
 classes, random weights, fixed seeds (as fairseq's tests/test_sequence_generator.py)."""
+import importlib.util
+import os
+
 import torch
 from fairseq import options
 from fairseq.data import Dictionary
@@ -89,3 +92,12 @@ def materialize_all_pending_kv(decoder, incremental_state):
     """Every block's self-attention cache complete and in beam order (to compare with a full pass)."""
     for index in range(len(decoder.layers)):
         decoder.catch_up_block(index, incremental_state)
+
+
+def load_benchmark(name):
+    """A script of benchmarks/ as a module (they are not a package), e.g. ``load_benchmark("generation_speed")``."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(repo, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

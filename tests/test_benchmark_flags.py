@@ -1,19 +1,13 @@
 """The generation benchmark's command line (benchmarks/generation_speed.py): bad combinations fail in one line
 naming the flag, before any model is loaded; ``--rows ct2`` keeps the settings a user gives."""
-import importlib.util
-import os
-
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("generation_speed", os.path.join(REPO, "benchmarks", "generation_speed.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("generation_speed")
 
 
 def test_rows_ct2_refuses_no_ct2(bench, capsys):
@@ -81,11 +75,7 @@ def test_autocast_bf16_flag_adds_the_bf16_rows(bench):
 
 @pytest.fixture(scope="module")
 def profiler():
-    spec = importlib.util.spec_from_file_location("profile_generation",
-                                                  os.path.join(REPO, "benchmarks", "profile_generation.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("profile_generation")
 
 
 def test_the_lockstep_bound_is_the_row_mean_over_the_deepest_row(profiler):
