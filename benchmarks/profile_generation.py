@@ -41,13 +41,14 @@ efficiency of any lockstep beam search at that threshold, whatever the per-call 
 of the pieces of the lean step (every straggler call and its ``row_history``, ``keep_row_history``; the
 halting decisions; ``step_logits``) in a second timed pass, next to the whole run at ``--fixed-exit 1``.
 """
+import argparse
 import collections
 import contextlib
-import functools
-import argparse
 import cProfile
+import functools
 import pstats
 import time
+from typing import Dict
 
 import fairseq_dat  # noqa: F401  (registers the plugin, lets fairseq checkpoints load)
 import torch
@@ -507,6 +508,43 @@ def timed_methods(targets, totals: collections.Counter, counts: collections.Coun
             setattr(owner, name, fn)
 
 
+@contextlib.contextmanager
+def labelled_methods(targets):
+    """Each (owner class, method name) runs inside ``torch.profiler.record_function("Owner.name")``."""
+    saved = [(owner, name, vars(owner)[name]) for owner, name in targets]
+    for owner, name, fn in saved:
+        def labelled(*a, _fn=fn, _label=f"{owner.__name__}.{name}", **k):
+            with torch.profiler.record_function(_label):
+                return _fn(*a, **k)
+        setattr(owner, name, functools.wraps(fn)(labelled))
+    try:
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+def operators_per_call(decode, targets) -> Dict[str, float]:
+    """Mean number of top-level ATen operators (not counting those called inside another) per call of
+    each method of ``targets`` during one ``decode()`` under torch.profiler: the dispatch count a call pays."""
+    with torch.no_grad(), labelled_methods(targets), torch.profiler.profile() as prof:
+        decode()
+    events = prof.events()
+    ops = sorted((e for e in events if e.name.startswith("aten::")), key=lambda e: e.time_range.start)
+    result, calls = collections.Counter(), collections.Counter()
+    for label in (e for e in events if e.name in {f"{o.__name__}.{n}" for o, n in targets}):
+        start, end = label.time_range.start, label.time_range.end
+        covered = -1
+        for op in ops:
+            if op.thread != label.thread or op.time_range.start < start or op.time_range.end > end:
+                continue
+            if op.time_range.start >= covered:  # not inside the previous top-level operator
+                result[label.name] += 1
+                covered = op.time_range.end
+        calls[label.name] += 1
+    return {name: result[name] / calls[name] for name in calls}
+
+
 def step_report(model, d, batches, args):
     from fairseq_dat import exit_policy
     from fairseq_dat.modules.exit_aware_decoding import ExitAwareDecoding, LeanBlockCache
@@ -547,9 +585,12 @@ def step_report(model, d, batches, args):
         totals, counts = collections.Counter(), collections.Counter()
         with timed_methods(pieces, totals, counts):
             t_timed = run(gen)
+        ops = operators_per_call(lambda: gen.generate([model], batches[0]), pieces[:3])
         for label in sorted(totals):
+            per_call = f"; {ops[label]:.0f} operators per call (batch 1 of the pass)" if label in ops else ""
             print(f"    {label}: {totals[label] * 1000:.1f} ms in {counts[label]} calls "
-                  f"({totals[label] / counts[label] * 1e6:.0f} us/call; {totals[label] / t_timed:.0%} of this pass)")
+                  f"({totals[label] / counts[label] * 1e6:.0f} us/call; {totals[label] / t_timed:.0%} of this pass"
+                  f"{per_call})")
 
 
 def main():
