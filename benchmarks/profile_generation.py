@@ -489,39 +489,41 @@ def lockstep_bound(steps):
 
 
 @contextlib.contextmanager
-def timed_methods(targets, totals: collections.Counter, counts: collections.Counter):
-    """Wall time and calls of each (owner class, method name) while the block runs; restored after."""
+def wrapped_methods(targets, wrapper):
+    """Each (owner class, method name) of ``targets`` replaced by ``wrapper(fn, "Owner.name")`` while the block
+    runs; restored after."""
     saved = [(owner, name, vars(owner)[name]) for owner, name in targets]
     for owner, name, fn in saved:
-        def timed(*a, _fn=fn, _label=f"{owner.__name__}.{name}", **k):
+        setattr(owner, name, functools.wraps(fn)(wrapper(fn, f"{owner.__name__}.{name}")))
+    try:
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+def timed_methods(targets, totals: collections.Counter, counts: collections.Counter):
+    """Wall time and calls of each (owner class, method name) while the block runs."""
+    def timing(fn, label):
+        def timed(*a, **k):
             start = time.perf_counter()
             try:
-                return _fn(*a, **k)
+                return fn(*a, **k)
             finally:
-                totals[_label] += time.perf_counter() - start
-                counts[_label] += 1
-        setattr(owner, name, functools.wraps(fn)(timed))
-    try:
-        yield
-    finally:
-        for owner, name, fn in saved:
-            setattr(owner, name, fn)
+                totals[label] += time.perf_counter() - start
+                counts[label] += 1
+        return timed
+    return wrapped_methods(targets, timing)
 
 
-@contextlib.contextmanager
 def labelled_methods(targets):
     """Each (owner class, method name) runs inside ``torch.profiler.record_function("Owner.name")``."""
-    saved = [(owner, name, vars(owner)[name]) for owner, name in targets]
-    for owner, name, fn in saved:
-        def labelled(*a, _fn=fn, _label=f"{owner.__name__}.{name}", **k):
-            with torch.profiler.record_function(_label):
-                return _fn(*a, **k)
-        setattr(owner, name, functools.wraps(fn)(labelled))
-    try:
-        yield
-    finally:
-        for owner, name, fn in saved:
-            setattr(owner, name, fn)
+    def labelling(fn, label):
+        def labelled(*a, **k):
+            with torch.profiler.record_function(label):
+                return fn(*a, **k)
+        return labelled
+    return wrapped_methods(targets, labelling)
 
 
 def operators_per_call(decode, targets) -> Dict[str, float]:
