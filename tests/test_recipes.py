@@ -94,3 +94,51 @@ def test_stage2_train_subset_must_be_a_binarized_split(tmp_path, corpus, adaptiv
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: STAGE2_TRAIN_SUBSET=heldout: ") and last.endswith("heldout.de-en.de.idx not found")
     assert not (tmp_path / "runs" / "sequence-LL+frozen").exists()
+
+
+HOLD_OUT = REPO / "examples" / "multi30k_de_en" / "hold_out.sh"
+
+
+def run_hold_out(*args, **env):
+    return subprocess.run(["bash", str(HOLD_OUT), *map(str, args)], capture_output=True, text=True,
+                          env=dict(tool_env(), **env), timeout=300)
+
+
+def sentences(data, split, lang="de"):
+    from fairseq.data import data_utils
+    d = Dictionary.load(str(data / f"dict.{lang}.txt"))
+    ds = data_utils.load_indexed_dataset(str(data / f"{split}.de-en.{lang}"), d)
+    return [d.string(ds[i][:-1]) for i in range(len(ds))]
+
+
+def test_hold_out_moves_the_last_training_pairs_to_the_held_out_splits(tmp_path, corpus):
+    """hold_out.sh: train loses its last N pairs, which become the next heldout split, binarized with the same
+    dictionary; valid/test are the source's; an existing output is kept; N must leave training pairs."""
+    text, out = corpus.parent / "text", tmp_path / "split"
+    check = run_hold_out("--pairs", 50, "--text", text, corpus, out)
+    assert check.returncode == 0, check.stderr[-2000:]
+    lines = (text / "train.de").read_text(encoding="utf-8").splitlines()
+    assert sentences(out, "train") == lines[:250]
+    assert sentences(out, "heldout") == lines[250:]  # the corpus has no test1..3: the pairs are the first heldout split
+    assert (out / "dict.de.txt").read_text() == (corpus / "dict.de.txt").read_text()
+    assert sentences(out, "valid") == sentences(corpus, "valid") and sentences(out, "test", "en") == sentences(corpus, "test", "en")
+    again = run_hold_out("--pairs", 50, "--text", text, corpus, out)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    too_many = run_hold_out("--pairs", 300, "--text", text, corpus, tmp_path / "other")
+    assert too_many.returncode != 0 and "--pairs 300" in too_many.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "other").exists()
+
+
+def test_hold_out_puts_the_extra_test_sets_first(tmp_path, corpus):
+    """With test1 present (Multi30k's extra test sets), heldout = test1 and the held-out pairs come next."""
+    source = tmp_path / "source"
+    shutil.copytree(corpus, source)
+    for name in os.listdir(corpus):
+        if name.startswith("test."):
+            shutil.copy(corpus / name, source / name.replace("test.", "test1.", 1))
+    out = tmp_path / "split"
+    check = run_hold_out("--pairs", 20, "--text", corpus.parent / "text", source, out)
+    assert check.returncode == 0, check.stderr[-2000:]
+    lines = (corpus.parent / "text" / "train.de").read_text(encoding="utf-8").splitlines()
+    assert sentences(out, "heldout") == sentences(corpus, "test") and sentences(out, "heldout1") == lines[280:]
+    assert not (out / "heldout2.de-en.de.bin").exists()

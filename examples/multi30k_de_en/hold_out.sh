@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Hold out training pairs for stage 2: a data directory whose train split lacks the last N training pairs,
+# which join the held-out splits that the depth estimator's oracles are computed on (STAGE2_TRAIN_SUBSET=heldout).
+# Oracle depths of sentences the stage-1 model trained on are deeper than on new text (examples/RESULTS.md
+# "Stop 19"), and Multi30k's extra test sets give only 2,532 new pairs; N held-out training pairs add to them.
+#
+# Usage: examples/multi30k_de_en/hold_out.sh [--pairs N] [--text DIR] [--force] DATA_BIN OUT_DIR
+#   DATA_BIN  a prepare.sh output directory (dictionary, binarized splits)
+#   OUT_DIR   the new data directory, binarized with DATA_BIN's dictionary (checkpoints work on both)
+# Environment (same as the flags): PAIRS=N (default 5000), TEXT=DIR (the BPE text of DATA_BIN's train split,
+#   train.{de,en}; default DATA_BIN.bpe, where prepare.sh writes it), FORCE=1 (rebuild), WORKERS=N (default 2).
+# OUT_DIR holds: train = DATA_BIN's train without its last N pairs; valid, test, test1..3 linked from DATA_BIN;
+#   the held-out splits heldout, heldout1, ... = DATA_BIN's test1, test2, test3 (those present), then the N
+#   held-out training pairs; fairseq concatenates SPLIT, SPLIT1, ... as one split (the recipes pass
+#   --upsample-primary 1), so STAGE2_TRAIN_SUBSET=heldout trains the estimator on all of them.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=../common/lib.sh
+source "$HERE/../common/lib.sh"
+
+PAIRS="${PAIRS:-5000}"
+FORCE="${FORCE:-0}"
+WORKERS="${WORKERS:-2}"
+TEXT="${TEXT:-}"
+parse_args 2 --pairs=PAIRS --text=TEXT --force=FORCE:1 -- "$@"
+[[ ${#POS[@]} -eq 2 ]] || die "give DATA_BIN and OUT_DIR (see --help)"
+need_count PAIRS 1
+DATA_BIN="$(abspath "${POS[0]}")"; DATA_BIN="${DATA_BIN%/}"
+OUT="$(abspath "${POS[1]}")"; OUT="${OUT%/}"
+TEXT="$(abspath "${TEXT:-$DATA_BIN.bpe}")"
+need_file "$DATA_BIN/dict.de.txt" "$DATA_BIN/dict.en.txt" "$TEXT/train.de" "$TEXT/train.en"
+same_lines "$TEXT/train.de" "$TEXT/train.en"
+[[ "$OUT" != "$DATA_BIN" ]] || die "OUT_DIR must differ from DATA_BIN"
+export FORCE
+if out_dir_done "$OUT"; then exit 0; fi
+
+TOTAL=$(nlines "$TEXT/train.de")
+[[ "$PAIRS" -lt "$TOTAL" ]] || die "--pairs $PAIRS must be smaller than the $TOTAL training pairs of $TEXT"
+PREPROCESS="$(tool fairseq-preprocess)"
+mkdir -p "$(dirname "$OUT")"
+STAGE="$(mktemp -d "$(dirname "$OUT")/.$(basename "$OUT").tmp.XXXXXX")"
+trap 'rm -rf "$STAGE"' EXIT
+mkdir -p "$STAGE/text" "$STAGE/bin"
+for l in de en; do
+    head -n "$((TOTAL - PAIRS))" "$TEXT/train.$l" > "$STAGE/text/train.$l"
+    tail -n "$PAIRS" "$TEXT/train.$l" > "$STAGE/text/held.$l"
+done
+log "train: $((TOTAL - PAIRS)) pairs; held out: the last $PAIRS of $TEXT/train.{de,en}"
+"$PREPROCESS" --source-lang de --target-lang en --trainpref "$STAGE/text/train" --testpref "$STAGE/text/held" \
+    --srcdict "$DATA_BIN/dict.de.txt" --joined-dictionary --destdir "$STAGE/bin" --workers "$WORKERS" \
+    > "$STAGE/preprocess.stdout" 2>&1 || { cat "$STAGE/preprocess.stdout" >&2; die "fairseq-preprocess failed (output above)"; }
+mkdir "$STAGE/held"
+mv "$STAGE"/bin/test.de-en.* "$STAGE/held/"  # its name goes to DATA_BIN's test split below
+
+link_split() {  # link_split FROM TO: DATA_BIN's binarized split FROM as OUT's split TO
+    local l ext
+    for l in de en; do
+        for ext in bin idx; do
+            ln -s "$DATA_BIN/$1.de-en.$l.$ext" "$STAGE/bin/$2.de-en.$l.$ext"
+        done
+    done
+}
+has_split() { [[ -f "$DATA_BIN/$1.de-en.de.bin" && -f "$DATA_BIN/$1.de-en.en.bin" ]]; }
+for s in valid test test1 test2 test3; do
+    if has_split "$s"; then link_split "$s" "$s"; fi
+done
+names=(heldout)
+for k in 1 2 3 4 5 6; do names+=("heldout$k"); done
+i=0
+for s in test1 test2 test3; do
+    if has_split "$s"; then link_split "$s" "${names[$i]}"; log "${names[$i]}: $s of $DATA_BIN"; i=$((i + 1)); fi
+done
+for l in de en; do
+    for ext in bin idx; do
+        mv "$STAGE/held/test.de-en.$l.$ext" "$STAGE/bin/${names[$i]}.de-en.$l.$ext"
+    done
+done
+log "${names[$i]}: the $PAIRS held-out training pairs"
+{
+    echo "examples/multi30k_de_en/hold_out.sh on $(date -u +%Y-%m-%dT%H:%M:%SZ): $DATA_BIN -> $OUT"
+    echo "train: the first $((TOTAL - PAIRS)) of $TOTAL pairs of $TEXT/train.{de,en}; ${names[$i]}: the last $PAIRS"
+    cat "$STAGE/bin/preprocess.log"
+} > "$STAGE/bin/preprocess.log.new" && mv "$STAGE/bin/preprocess.log.new" "$STAGE/bin/preprocess.log"
+sed -i -e "s#$STAGE/bin#$OUT#g" "$STAGE/bin/preprocess.log"
+replace_dir "$STAGE/bin" "$OUT" preprocess.log
+log "done: STAGE2_TRAIN_SUBSET=heldout reads heldout..${names[$i]} of $OUT"
