@@ -36,10 +36,13 @@ Random weights: the hypotheses are meaningless, only the times are.
 ``--steps`` (a checkpoint with a token-level estimator): per threshold, the decoding steps' mean exit over
 rows (what AE counts) and the mean over steps of the deepest row's exit. A step runs block n if any row
 needs it, and when a block call costs about the same for 1 row as for all (dispatch-bound: batch 1, or
-the per-call floor of straggler calls), time follows the deepest row, so ``mean / deepest`` bounds the
-efficiency of any lockstep beam search at that threshold, whatever the per-call code. Then the wall time
-of the pieces of the lean step (every straggler call and its ``row_history``, ``keep_row_history``; the
-halting decisions; ``step_logits``) in a second timed pass, next to the whole run at ``--fixed-exit 1``.
+the per-call floor of straggler calls), its blocks cost the deepest row's depth: mean / deepest bounds the
+efficiency of the blocks' share of the time of any lockstep beam search, whatever the per-call code. With
+the rest of a step (beam search, embeddings, output projection: ``--fixed-exit 1`` minus one block, a block
+being (``--fixed-exit N`` − ``--fixed-exit 1``) / (N − 1), per pass) the bound on the whole step is
+(rest + block · mean) / (rest + block · deepest). Then the wall time of the pieces of the lean step (every
+straggler call and its ``row_history``, ``keep_row_history``; the halting decisions; ``step_logits``) in a
+second timed pass, and ATen operators per call under torch.profiler.
 """
 import argparse
 import collections
@@ -478,14 +481,18 @@ def compare_hypotheses(model, d, batches, args):
 # ---- token-level exits step by step (--steps) ---------------------------------------------------------
 
 
-def lockstep_bound(steps):
+def lockstep_bound(steps, per_step: float = 0.0, per_block: float = 1.0):
     """steps: (deepest exit, mean exit, rows) per decoding step → (row-mean exit, mean deepest exit per step,
-    share of steps with a row past block 1, row-mean / deepest): the efficiency a lockstep step cannot beat
-    when a block call costs the same whatever number of rows runs it."""
+    share of steps with a row past block 1, bound). A lockstep step costs ``per_step`` (what does not depend on
+    depth: beam search, embeddings, the output projection) plus ``per_block`` for every block its deepest row
+    needs, when a block call costs the same whatever number of rows runs it; an ideal step pays blocks for the
+    row mean. bound = (per_step + per_block · mean) / (per_step + per_block · deepest), averaged over steps; with
+    the defaults (no per-step cost) mean / deepest, the bound on the blocks' share of the time."""
     rows = sum(r for _, _, r in steps)
     mean = sum(m * r for _, m, r in steps) / rows
     deepest = sum(d for d, _, _ in steps) / len(steps)
-    return mean, deepest, sum(d > 1 for d, _, _ in steps) / len(steps), mean / deepest
+    bound = (per_step + per_block * mean) / (per_step + per_block * deepest)
+    return mean, deepest, sum(d > 1 for d, _, _ in steps) / len(steps), bound
 
 
 @contextlib.contextmanager
@@ -558,10 +565,17 @@ def step_report(model, d, batches, args):
         return AdaptiveSequenceGenerator([model], d, beam_size=args.beam, exit_kv=args.exit_kv,
                                          decoder_step=args.decoder_step, exit_strategy=args.exit_strategy, **flags)
 
-    fixed = generator(fixed_exit=1)
-    run(fixed), run(fixed)  # warm-up: the first passes of a process are slower
+    fixed, deepest_exit = generator(fixed_exit=1), model.decoder.num_layers
+    full = generator(fixed_exit=deepest_exit)
+    run(fixed), run(fixed), run(full)  # warm-up: the first passes of a process are slower
     t_fixed = min(run(fixed) for _ in range(args.repeats))
-    print(f"{len(batches)} batches of {args.batch_size} x beam {args.beam}: --fixed-exit 1 {t_fixed * 1000:.0f} ms")
+    t_full = min(run(full) for _ in range(args.repeats))
+    # per pass: what a block adds (exit N against exit 1) and what the step costs without its blocks
+    per_block = (t_full - t_fixed) / (deepest_exit - 1)
+    per_step = t_fixed - per_block
+    print(f"{len(batches)} batches of {args.batch_size} x beam {args.beam}: --fixed-exit 1 {t_fixed * 1000:.0f} ms, "
+          f"--fixed-exit {deepest_exit} {t_full * 1000:.0f} ms: a block {per_block * 1000:.0f} ms per pass, the rest "
+          f"of a step {per_step * 1000:.0f} ms")
     steps, record = [], ExitAwareDecoding.record_step_exits
     halts = [(c, "halt") for c in vars(exit_policy).values() if isinstance(c, type) and "halt" in vars(c)]
     pieces = [(ExitAwareDecoding, "lean_straggler_block"), (LeanBlockCache, "row_history"),
@@ -580,10 +594,12 @@ def step_report(model, d, batches, args):
             run(gen)
         finally:
             ExitAwareDecoding.record_step_exits = record
-        mean, deepest, straggling, bound = lockstep_bound(steps)
+        mean, deepest, straggling, blocks_bound = lockstep_bound(steps)
+        whole_bound = lockstep_bound(steps, per_step, per_block)[3]
         print(f"tau {threshold}: {t_run * 1000:.0f} ms ({t_run / t_fixed:.2f}x --fixed-exit 1); {len(steps)} steps, "
               f"row-mean exit {mean:.2f}, deepest exit per step {deepest:.2f}, steps with a row past block 1 "
-              f"{100 * straggling:.0f}%, lockstep bound mean/deepest {bound:.2f}")
+              f"{100 * straggling:.0f}%; lockstep bound, blocks only (mean/deepest) {blocks_bound:.2f}, whole step "
+              f"{whole_bound:.2f}")
         totals, counts = collections.Counter(), collections.Counter()
         with timed_methods(pieces, totals, counts):
             t_timed = run(gen)

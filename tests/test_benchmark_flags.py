@@ -83,6 +83,8 @@ def test_the_lockstep_bound_is_the_row_mean_over_the_deepest_row(profiler):
     mean, deepest, straggling, bound = profiler.lockstep_bound([(1, 1.0, 5), (6, 2.0, 5)])
     assert (mean, deepest, straggling) == (1.5, 3.5, 0.5) and abs(bound - 1.5 / 3.5) < 1e-12
     assert profiler.lockstep_bound([(1, 1.0, 320)] * 3)[3] == 1.0  # nobody deeper: no bound
+    # a step that costs 2 without its blocks and 1 per block: (2 + 1.5) / (2 + 3.5)
+    assert abs(profiler.lockstep_bound([(1, 1.0, 5), (6, 2.0, 5)], 2.0, 1.0)[3] - 3.5 / 5.5) < 1e-12
 
 
 def test_steps_needs_numeric_thresholds(profiler, monkeypatch, capsys):
