@@ -14,6 +14,7 @@ Two modes:
     # token-level exits step by step: the deepest row of each step against the row mean, and where the
     # time of the step goes (straggler calls split into their parts), against --fixed-exit 1
     python benchmarks/profile_generation.py DATA --path CKPT --steps --exit-threshold 0.7,0.8,0.9 [--batch-size 1]
+        [--max-sentences 300]
 
     # speed only: a model of the demo shape with random weights built here (no data, no checkpoint)
     python benchmarks/profile_generation.py --random-model [--batch-size 64] [--beam 5] [--threads 2]
@@ -91,7 +92,10 @@ def parse_args():
     p.add_argument("--fixed-exit", type=int, default=None)
     p.add_argument("--exit-kv", default="deferred", choices=("deferred", "eager"))
     p.add_argument("--decoder-step", default="lean", choices=("lean", "fairseq"))
-    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--batches", type=int, default=4, help="checkpoint: the first this many batches (0: all)")
+    p.add_argument("--max-sentences", type=int, default=None,
+                   help="checkpoint: instead of --batches, the first N sentences of the subset by id, batched by length "
+                        "(the sentences benchmarks/generation_speed.py --max-sentences N decodes)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
@@ -414,10 +418,15 @@ def checkpoint_report(args):
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([args.path], arg_overrides={"data": args.data})
     model = models[0].eval()
     task.load_dataset(args.subset)
-    itr = task.get_batch_iterator(task.dataset(args.subset), max_sentences=args.batch_size,
-                                  max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
-                                  ).next_epoch_itr(shuffle=False)
-    batches = [b for _, b in zip(range(args.batches), itr)] if args.batches > 0 else list(itr)
+    if args.max_sentences:  # the sentences generation_speed.py --max-sentences decodes
+        from fairseq_dat.cli.generate_like import generate_batches
+        batches = generate_batches(task, [model], task.dataset(args.subset), args.batch_size, first_n=args.max_sentences)
+    else:
+        itr = task.get_batch_iterator(task.dataset(args.subset), max_sentences=args.batch_size,
+                                      max_positions=utils.resolve_max_positions(task.max_positions(),
+                                                                                model.max_positions()),
+                                      ).next_epoch_itr(shuffle=False)
+        batches = [b for _, b in zip(range(args.batches), itr)] if args.batches > 0 else list(itr)
     d = task.target_dictionary
     if args.compare:
         return compare_hypotheses(model, d, batches, args)
