@@ -20,6 +20,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import sacrebleu
 
+from fairseq_dat.fixed_exit_curve import fixed_exit_bleu_at
+
 Run = Tuple[Dict[int, str], Dict[int, float], Dict[int, str]]  # hypotheses, scores, references by sentence id
 
 
@@ -44,14 +46,10 @@ def corpus_bleu(hyps: Sequence[str], refs: Sequence[str]) -> float:
 
 
 def fixed_exit_line(points: Dict[int, float], cost: float) -> float:
-    """BLEU of mixing the two fixed exits around ``cost`` (linear between integer exits, clamped)."""
+    """BLEU of mixing the two fixed exits around ``cost`` (the package's fixed-exit curve, §4.2), clamped to
+    the exits given."""
     exits = sorted(points)
-    if cost <= exits[0]:
-        return points[exits[0]]
-    for a, b in zip(exits, exits[1:]):
-        if cost <= b:
-            return points[a] + (cost - a) / (b - a) * (points[b] - points[a])
-    return points[exits[-1]]
+    return fixed_exit_bleu_at(list(points.items()), min(max(cost, exits[0]), exits[-1]))
 
 
 def cascade(low: Run, high: Run, low_exit: int, high_exit: int, redo: set, ids: List[int]) -> Tuple[List[str], float]:

@@ -585,7 +585,14 @@ def step_report(model, d, batches, args):
     print(f"{len(batches)} batches of {args.batch_size} x beam {args.beam}: --fixed-exit 1 {t_fixed * 1000:.0f} ms, "
           f"--fixed-exit {deepest_exit} {t_full * 1000:.0f} ms: a block {per_block * 1000:.0f} ms per pass, the rest "
           f"of a step {per_step * 1000:.0f} ms")
-    steps, record = [], ExitAwareDecoding.record_step_exits
+    steps = []
+
+    def counting(fn, label):  # each step's (deepest exit, mean exit, rows), as the step records its exits
+        def counted(self, incremental_state, step_exits, final_states=None):
+            steps.append((int(step_exits.max()), float(step_exits.float().mean()), step_exits.numel()))
+            return fn(self, incremental_state, step_exits, final_states)
+        return counted
+
     halts = [(c, "halt") for c in vars(exit_policy).values() if isinstance(c, type) and "halt" in vars(c)]
     pieces = [(ExitAwareDecoding, "lean_straggler_block"), (LeanBlockCache, "row_history"),
               (LeanBlockCache, "keep_row_history"), (ExitAwareDecoding, "step_logits"), *halts]
@@ -594,24 +601,16 @@ def step_report(model, d, batches, args):
         run(gen)
         t_run = min(run(gen) for _ in range(args.repeats))
         steps.clear()
-
-        def counting(self, incremental_state, step_exits, final_states=None):
-            steps.append((int(step_exits.max()), float(step_exits.float().mean()), step_exits.numel()))
-            return record(self, incremental_state, step_exits, final_states)
-        ExitAwareDecoding.record_step_exits = counting
-        try:
-            run(gen)
-        finally:
-            ExitAwareDecoding.record_step_exits = record
+        totals, counts = collections.Counter(), collections.Counter()
+        with timed_methods(pieces, totals, counts), wrapped_methods([(ExitAwareDecoding, "record_step_exits")],
+                                                                    counting):
+            t_timed = run(gen)
         mean, deepest, straggling, blocks_bound = lockstep_bound(steps)
         whole_bound = lockstep_bound(steps, per_step, per_block)[3]
         print(f"tau {threshold}: {t_run * 1000:.0f} ms ({t_run / t_fixed:.2f}x --fixed-exit 1); {len(steps)} steps, "
               f"row-mean exit {mean:.2f}, deepest exit per step {deepest:.2f}, steps with a row past block 1 "
               f"{100 * straggling:.0f}%; lockstep bound, blocks only (mean/deepest) {blocks_bound:.2f}, whole step "
               f"{whole_bound:.2f}")
-        totals, counts = collections.Counter(), collections.Counter()
-        with timed_methods(pieces, totals, counts):
-            t_timed = run(gen)
         ops = operators_per_call(lambda: gen.generate([model], batches[0]), pieces[:3])
         for label in sorted(totals):
             per_call = f"; {ops[label]:.0f} operators per call (batch 1 of the pass)" if label in ops else ""

@@ -64,23 +64,23 @@ has_split() { [[ -f "$DATA_BIN/$1.de-en.de.bin" && -f "$DATA_BIN/$1.de-en.en.bin
 for s in valid test test1 test2 test3; do
     if has_split "$s"; then link_split "$s" "$s"; fi
 done
-names=(heldout)
-for k in 1 2 3 4 5 6; do names+=("heldout$k"); done
+held_name() { if [[ $1 -eq 0 ]]; then echo heldout; else echo "heldout$1"; fi; }  # fairseq's SPLIT, SPLIT1, ...
 i=0
 for s in test1 test2 test3; do
-    if has_split "$s"; then link_split "$s" "${names[$i]}"; log "${names[$i]}: $s of $DATA_BIN"; i=$((i + 1)); fi
+    if has_split "$s"; then link_split "$s" "$(held_name $i)"; log "$(held_name $i): $s of $DATA_BIN"; i=$((i + 1)); fi
 done
+LAST="$(held_name $i)"
 for l in de en; do
     for ext in bin idx; do
-        mv "$STAGE/held/test.de-en.$l.$ext" "$STAGE/bin/${names[$i]}.de-en.$l.$ext"
+        mv "$STAGE/held/test.de-en.$l.$ext" "$STAGE/bin/$LAST.de-en.$l.$ext"
     done
 done
-log "${names[$i]}: the $PAIRS held-out training pairs"
+log "$LAST: the $PAIRS held-out training pairs"
 {
     echo "examples/multi30k_de_en/hold_out.sh on $(date -u +%Y-%m-%dT%H:%M:%SZ): $DATA_BIN -> $OUT"
-    echo "train: the first $((TOTAL - PAIRS)) of $TOTAL pairs of $TEXT/train.{de,en}; ${names[$i]}: the last $PAIRS"
+    echo "train: the first $((TOTAL - PAIRS)) of $TOTAL pairs of $TEXT/train.{de,en}; $LAST: the last $PAIRS"
     cat "$STAGE/bin/preprocess.log"
 } > "$STAGE/bin/preprocess.log.new" && mv "$STAGE/bin/preprocess.log.new" "$STAGE/bin/preprocess.log"
 sed -i -e "s#$STAGE/bin#$OUT#g" "$STAGE/bin/preprocess.log"
 replace_dir "$STAGE/bin" "$OUT" preprocess.log
-log "done: STAGE2_TRAIN_SUBSET=heldout reads heldout..${names[$i]} of $OUT"
+log "done: STAGE2_TRAIN_SUBSET=heldout reads heldout..$LAST of $OUT"
