@@ -129,6 +129,29 @@ def test_hold_out_moves_the_last_training_pairs_to_the_held_out_splits(tmp_path,
     assert not (tmp_path / "other").exists()
 
 
+def test_hold_out_with_a_seed_holds_out_a_random_sample_in_corpus_order(tmp_path, corpus):
+    """--seed S: the held-out pairs are random.Random(S).sample of the line indices, both splits in corpus order,
+    together the whole training set; their line numbers are written beside them; a bad seed is refused."""
+    import random
+    text = corpus.parent / "text"
+    lines = (text / "train.de").read_text(encoding="utf-8").splitlines()
+    en = (text / "train.en").read_text(encoding="utf-8").splitlines()
+    picked = sorted(random.Random(7).sample(range(len(lines)), 50))
+    out = tmp_path / "split"
+    check = run_hold_out("--pairs", 50, "--seed", 7, "--text", text, corpus, out)
+    assert check.returncode == 0, check.stderr[-2000:]
+    assert sentences(out, "heldout") == [lines[i] for i in picked]
+    assert sentences(out, "heldout", "en") == [en[i] for i in picked]
+    assert sentences(out, "train") == [line for i, line in enumerate(lines) if i not in set(picked)]
+    assert (out / "heldout.lines").read_text().split() == [str(i + 1) for i in picked]
+    assert picked != list(range(250, 300))  # not the last pairs
+    other = run_hold_out("--pairs", 50, "--seed", 8, "--text", text, corpus, tmp_path / "other")
+    assert other.returncode == 0 and sentences(tmp_path / "other", "heldout") != sentences(out, "heldout")
+    bad = run_hold_out("--pairs", 50, "--seed", "x", "--text", text, corpus, tmp_path / "bad")
+    assert bad.returncode != 0 and "--seed" in bad.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "bad").exists()
+
+
 def test_hold_out_puts_the_extra_test_sets_first(tmp_path, corpus):
     """With test1 present (Multi30k's extra test sets), heldout = test1 and the held-out pairs come next."""
     source = tmp_path / "source"
